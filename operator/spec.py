@@ -327,12 +327,14 @@ class DiffusionGemmaSpec(_Model):
              message_expression="'tensorParallelSize ' + string(self.tensorParallelSize) + ' exceeds "
                                 "resources.gpusPerWorker ' + string(self.resources.gpusPerWorker)",
              check=lambda m: m.tensor_parallel_size <= m.resources.gpus_per_worker),
-        Rule(cel="self.resources.gpusPerWorker % self.tensorParallelSize == 0",
+        Rule(cel="self.tensorParallelSize > self.resources.gpusPerWorker "
+                 "|| self.resources.gpusPerWorker % self.tensorParallelSize == 0",
              message="resources.gpusPerWorker {m.resources.gpus_per_worker} is not a multiple of "
                      "tensorParallelSize {m.tensor_parallel_size}: GPUs would sit idle",
              message_expression="'resources.gpusPerWorker ' + string(self.resources.gpusPerWorker) + ' is not a "
                                 "multiple of tensorParallelSize ' + string(self.tensorParallelSize)",
-             check=lambda m: m.resources.gpus_per_worker % m.tensor_parallel_size == 0),
+             check=lambda m: m.tensor_parallel_size > m.resources.gpus_per_worker
+             or m.resources.gpus_per_worker % m.tensor_parallel_size == 0),
         Rule(cel="self.fallback.type == 'Disabled' || !has(self.fallback.contextLength) "
                  "|| self.fallback.contextLength >= self.contextLength",
              message="fallback.contextLength {m.fallback.context_length} is below contextLength "
