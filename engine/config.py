@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .errors import ConfigError, ModelLoadError
+from .errors import ModelLoadError
 
 DEFAULT_EOS = (1,)
 
@@ -99,9 +99,10 @@ class LayerSpec:
     head_dim: int
     num_kv_heads: int
     k_eq_v: bool  # full layers: no v_proj, V is the raw k_proj output
+    rope_type: str  # "default" or "proportional" (+ scaling types that only divide frequencies)
     rope_theta: float
-    rope_dim: int  # number of rotated dims (partial rotary for full layers)
-    rope_type: str
+    rope_partial: float  # partial_rotary_factor
+    rope_factor: float  # frequency scaling factor (1.0 = none)
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ class ModelConfig:
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     torch_dtype: str
-    rope_original_max_position: int | None = None  # from rope scaling params, when present
+    rope_context_limit: int | None = None  # from original_max_position_embeddings (x factor), if present
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -160,7 +161,6 @@ class ModelConfig:
             raise ModelLoadError(f"config.json: missing or invalid text field: {e}") from e
         global_head_dim = int(text.get("global_head_dim") or head_dim)
         n_global_kv = text.get("num_global_key_value_heads")
-        n_global_kv = int(n_global_kv) if n_global_kv is not None else n_kv
         k_eq_v = bool(text.get("attention_k_eq_v", True))
         layer_types = text.get("layer_types") or [
             "sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n_layers)
@@ -169,30 +169,40 @@ class ModelConfig:
         if len(layer_types) != n_layers:
             raise ModelLoadError(f"config.json: layer_types has {len(layer_types)} entries for {n_layers} layers")
         layer_types[-1] = "full_attention"  # the reference forces the last layer to full attention
+        # transformers writes per-layer overrides ({"5": {"head_dim": 512, "num_key_value_heads": 2}});
+        # the published config states them as global_head_dim / num_global_key_value_heads.
+        overrides = {int(k): v for k, v in (text.get("per_layer_config") or {}).items()}
         rope = text.get("rope_parameters") or {}
         rope_sliding = rope.get("sliding_attention") or {"rope_type": "default", "rope_theta": 10_000.0}
         rope_full = rope.get("full_attention") or {"rope_type": "proportional", "partial_rotary_factor": 0.25,
                                                    "rope_theta": 1_000_000.0}
         layers = []
-        for lt in layer_types:
+        for i, lt in enumerate(layer_types):
             if lt not in ("sliding_attention", "full_attention"):
-                raise ModelLoadError(f"config.json: unknown layer type {lt!r}")
+                raise ModelLoadError(f"config.json: unknown layer type {lt!r} at layer {i}")
             sliding = lt == "sliding_attention"
-            hd = head_dim if sliding else global_head_dim
+            hd, kv = head_dim, n_kv
+            if not sliding:
+                hd = global_head_dim
+                if k_eq_v and n_global_kv is not None:
+                    kv = int(n_global_kv)
+            if i in overrides:
+                hd = int(overrides[i].get("head_dim", hd))
+                kv = int(overrides[i].get("num_key_value_heads", kv))
             rp = rope_sliding if sliding else rope_full
-            factor = float(rp.get("partial_rotary_factor", 1.0))
             layers.append(LayerSpec(
-                sliding=sliding, head_dim=hd,
-                num_kv_heads=n_kv if sliding or not k_eq_v else n_global_kv,
-                k_eq_v=(not sliding) and k_eq_v,
-                rope_theta=float(rp.get("rope_theta", 10_000.0)),
-                rope_dim=2 * int(hd * factor // 2), rope_type=str(rp.get("rope_type", "default")),
+                sliding=sliding, head_dim=hd, num_kv_heads=kv, k_eq_v=(not sliding) and k_eq_v,
+                rope_type=str(rp.get("rope_type", "default")), rope_theta=float(rp.get("rope_theta", 10_000.0)),
+                rope_partial=float(rp.get("partial_rotary_factor", 1.0)), rope_factor=float(rp.get("factor", 1.0)),
             ))
         n_experts = int(text.get("num_experts") or 0)
-        orig = None
+        rope_limit = None  # context the RoPE settings were trained/extended for, when they say so
         for rp in (rope_sliding, rope_full):
             if rp.get("original_max_position_embeddings"):
-                orig = int(rp["original_max_position_embeddings"])
+                limit = int(rp["original_max_position_embeddings"])
+                if rp.get("rope_type", "default") not in ("default", "proportional"):
+                    limit = int(limit * float(rp.get("factor", 1.0)))  # an extension method scales it
+                rope_limit = limit if rope_limit is None else min(rope_limit, limit)
         eos = text.get("eos_token_id", 1)
         mc = cls(
             vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_layers=n_layers,
@@ -207,7 +217,7 @@ class ModelConfig:
             eos_token_ids=tuple(eos) if isinstance(eos, list) else (int(eos),),
             torch_dtype=str(text.get("dtype") or text.get("torch_dtype") or cfg.get("dtype")
                             or cfg.get("torch_dtype") or "bfloat16"),
-            rope_original_max_position=orig, raw=cfg,
+            rope_context_limit=rope_limit, raw=cfg,
         )
         mc.validate()
         return mc
@@ -229,6 +239,8 @@ class ModelConfig:
                     f"{ls.num_kv_heads} key/value heads")
             if ls.head_dim <= 0 or ls.head_dim % 2:
                 bad(f"layer {i}: head_dim must be positive and even, got {ls.head_dim}")
+            if ls.rope_type not in ("default", "proportional", "linear"):
+                bad(f"layer {i}: rope_type {ls.rope_type!r} is not supported (default, proportional, linear)")
         if self.num_experts:
             if not 0 < self.top_k_experts <= self.num_experts:
                 bad(f"top_k_experts must be in 1..num_experts={self.num_experts}, got {self.top_k_experts}")
@@ -258,8 +270,3 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ModelLoadError(f"{path}: expected a JSON object")
     return data
 
-
-def check_engine_config(cfg: EngineConfig) -> None:
-    """Cross-field checks pydantic's per-field rules cannot express."""
-    if cfg.context_length is not None and cfg.context_length < 2:
-        raise ConfigError(f"context_length must be at least 2, got {cfg.context_length}")

@@ -1,0 +1,186 @@
+"""The synchronous engine: load, verify, admit requests, step.
+
+``step()`` is the whole loop body: schedule -> run -> postprocess. Diffusion specifics
+(canvas, entropy bound, commit) live in the scheduler and the sampler, not here.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import torch
+
+from .config import EngineConfig, GenerationDefaults, ModelConfig
+from .context import ContextReport, kv_budget_bytes, verify_context
+from .errors import ConfigError, ContextLengthExceededError, InvalidRequestError
+from .kv_cache import KVCache
+from .loader import load_model
+from .runner import ModelRunner
+from .scheduler import Event, Scheduler
+from .sequence import ResolvedParams, Sequence
+from .tokenizer import Tokenizer
+from .types import CanvasEvent, EngineInfo, GenerationRequest, GenerationResult
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+MAX_STEPS = 4096  # refuse absurd step counts: a canvas must finish in bounded time
+MAX_STABILITY = 64
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available")
+    return dev
+
+
+def resolve_dtype(name: str, cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cpu":
+        return torch.float32  # bf16 matmuls are slow on most CPUs
+    return DTYPES.get(cfg.torch_dtype, torch.bfloat16)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, *, progress: bool = True) -> None:
+        self.config = config
+        path = Path(config.model)
+        self.model_config = cfg = ModelConfig.from_dir(path)
+        self.defaults = GenerationDefaults.from_dir(path, cfg.raw.get("text_config", cfg.raw))
+        if config.prefill_chunk_size < cfg.canvas_length:
+            raise ConfigError(f"prefill_chunk_size {config.prefill_chunk_size} must be >= canvas_length "
+                              f"{cfg.canvas_length} (a commit writes one canvas in one forward)")
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, cfg, self.device)
+        self.tokenizer = Tokenizer.from_dir(path)
+        self.model = load_model(path, cfg, dtype=self.dtype, device=self.device,
+                                decoder_sliding_window=config.decoder_sliding_window, progress=progress)
+        dtype_bytes = torch.finfo(self.dtype).bits // 8
+        self.context: ContextReport = verify_context(
+            cfg, requested=config.context_length, max_batch=config.max_batch,
+            chunk_tokens=config.prefill_chunk_size, dtype_bytes=dtype_bytes,
+            kv_budget=kv_budget_bytes(self.device, config.kv_cache_memory_bytes, config.gpu_memory_utilization))
+        self.context_length = config.context_length or self.context.served
+        self.cache = KVCache(cfg, config.max_batch, self.context_length, config.prefill_chunk_size,
+                             self.dtype, self.device)
+        self.runner = ModelRunner(self.model, self.cache, cfg, self.device)
+        self.scheduler = Scheduler(cfg, config.max_batch, config.prefill_chunk_size, self.cache,
+                                   self._detokenize, self.device)
+        self.model_name = config.model_name or path.resolve().name
+
+    # -- info ----------------------------------------------------------------------------
+    def info(self) -> EngineInfo:
+        cfg = self.model_config
+        return EngineInfo(
+            model=self.model_name, canvas_length=cfg.canvas_length, max_batch=self.config.max_batch,
+            served_context_length=self.context_length,
+            requested_context_length=self.config.context_length or self.context_length,
+            max_position_embeddings=cfg.max_position_embeddings, vocab_size=cfg.vocab_size,
+            dtype=str(self.dtype).removeprefix("torch."), device=str(self.device),
+            tensor_parallel_size=self.config.tensor_parallel_size,
+            kv_bytes_per_token=self.context.kv_bytes_per_token, kv_cache_bytes=self.cache.nbytes,
+            decoder_sliding_mode=self.config.decoder_sliding_window,
+        )
+
+    def _detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+
+    # -- requests ------------------------------------------------------------------------
+    def make_sequence(self, req: GenerationRequest) -> Sequence:
+        """Validates a request (typed errors naming the value and the limit) -> a new sequence."""
+        cfg, d, p = self.model_config, self.defaults, req.params
+        if not req.request_id:
+            raise InvalidRequestError("request_id must not be empty")
+        prompt = req.prompt_token_ids
+        if len(prompt) == 0:
+            raise InvalidRequestError("prompt is empty: at least one token is required")
+        bad = [t for t in prompt if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
+        max_new = d.max_new_tokens if p.max_new_tokens is None else p.max_new_tokens
+        if max_new <= 0:
+            raise InvalidRequestError(f"max_new_tokens must be positive, got {max_new}")
+        limit = self.context_length
+        if len(prompt) + max_new > limit:
+            raise ContextLengthExceededError(
+                f"prompt of {len(prompt)} tokens + max_new_tokens {max_new} = {len(prompt) + max_new} exceeds the "
+                f"served context of {limit} tokens", requested=len(prompt) + max_new, limit=limit)
+        steps = d.max_denoising_steps if p.max_denoising_steps is None else p.max_denoising_steps
+        if not 1 <= steps <= MAX_STEPS:
+            raise InvalidRequestError(f"max_denoising_steps must be in 1..{MAX_STEPS}, got {steps}")
+        bound = d.entropy_bound if p.entropy_bound is None else p.entropy_bound
+        if not bound > 0:
+            raise InvalidRequestError(f"entropy_bound must be > 0, got {bound}")
+        t_min = d.t_min if p.t_min is None else p.t_min
+        t_max = d.t_max if p.t_max is None else p.t_max
+        if not (t_min >= 0 and t_max >= t_min and t_max > 0 and t_max < 1e4):
+            raise InvalidRequestError(f"temperatures need 0 <= t_min <= t_max, 0 < t_max < 1e4; got "
+                                      f"t_min={t_min}, t_max={t_max}")
+        conf = d.confidence_threshold if p.confidence_threshold is None else p.confidence_threshold
+        if not conf >= 0:
+            raise InvalidRequestError(f"confidence_threshold must be >= 0, got {conf}")
+        stab = d.stability_threshold if p.stability_threshold is None else p.stability_threshold
+        if not 0 <= stab <= MAX_STABILITY:
+            raise InvalidRequestError(f"stability_threshold must be in 0..{MAX_STABILITY}, got {stab}")
+        stop = set(d.eos_token_ids) | set(p.stop_token_ids)
+        bad = [t for t in p.stop_token_ids if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"stop token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
+        pinned: dict[int, int] = {}
+        for pos, tok in req.pinned:
+            if not 0 <= pos < max_new:
+                raise InvalidRequestError(f"pinned position {pos} is outside the generated range "
+                                          f"[0, max_new_tokens={max_new})")
+            if not 0 <= tok < cfg.vocab_size:
+                raise InvalidRequestError(f"pinned token id {tok} at position {pos} is outside the vocabulary "
+                                          f"[0, {cfg.vocab_size})")
+            if pinned.get(pos, tok) != tok:
+                raise InvalidRequestError(f"pinned position {pos} is given two different tokens "
+                                          f"({pinned[pos]} and {tok})")
+            pinned[pos] = tok
+        seed = p.seed if p.seed is not None else secrets.randbits(63)
+        if not 0 <= seed < 2**64:
+            raise InvalidRequestError(f"seed must be in [0, 2**64), got {seed}")
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(seed)
+        params = ResolvedParams(max_new, steps, float(bound), float(t_min), float(t_max), float(conf), stab, seed,
+                                frozenset(stop))
+        return Sequence(request=req, params=params, pinned=pinned, generator=gen)
+
+    def add_request(self, req: GenerationRequest) -> Sequence:
+        if any(s.request_id == req.request_id for s in (*self.scheduler.waiting, *self.scheduler.running)):
+            raise InvalidRequestError(f"request_id {req.request_id!r} is already in flight")
+        seq = self.make_sequence(req)
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, request_id: str) -> bool:
+        return self.scheduler.abort(request_id) is not None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[Event]:
+        plan = self.scheduler.schedule()
+        outputs = self.runner.run(plan)
+        return self.scheduler.postprocess(plan, outputs)
+
+    # -- convenience ---------------------------------------------------------------------
+    def generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """Runs requests to completion (offline use: benchmarks, evaluation, the CLI)."""
+        for r in requests:
+            self.add_request(r)
+        done: dict[str, GenerationResult] = {}
+        tokens: dict[str, list[int]] = {r.request_id: [] for r in requests}
+        while self.has_unfinished():
+            for ev in self.step():
+                if isinstance(ev, CanvasEvent):
+                    tokens[ev.request_id] += ev.token_ids
+                    if ev.finished:
+                        ids = tokens[ev.request_id]
+                        done[ev.request_id] = GenerationResult(ev.request_id, tuple(ids), self._detokenize(ids),
+                                                               ev.finish_reason, ev.stats)
+        return [done[r.request_id] for r in requests]

@@ -1,0 +1,130 @@
+"""Building blocks of the DiffusionGemma text stack: norms, RoPE, MLP and the MoE block.
+
+Parameter names match the official checkpoint (``model.decoder.*`` minus the prefix), so
+the loader copies tensors by name. Numerics follow the reference implementation: RMSNorm
+in fp32 with ``x * pow(mean(x^2) + eps, -0.5) * weight`` (weight, not 1 + weight), router
+softmax in fp32, tanh-approximated GELU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LayerSpec, ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, with_scale: bool = True) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        out = x32 * torch.pow(x32.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        if self.weight is not None:
+            out = out * self.weight.float()
+        return out.type_as(x)
+
+
+def rope_inv_freq(spec: LayerSpec) -> torch.Tensor:
+    """Inverse frequencies, length head_dim / 2 (zeros where proportional RoPE leaves dims unrotated)."""
+    hd = spec.head_dim
+    if spec.rope_type == "proportional":
+        angles = int(spec.rope_partial * hd // 2)
+        rotated = 1.0 / (spec.rope_theta ** (torch.arange(0, 2 * angles, 2, dtype=torch.float) / hd))
+        inv = torch.cat([rotated, torch.zeros(hd // 2 - angles)])
+    else:  # default / linear: rotate int(head_dim * partial) dims
+        dim = int(hd * spec.rope_partial)
+        if dim != hd:
+            raise ValueError(f"rope_type {spec.rope_type!r} with partial_rotary_factor {spec.rope_partial} "
+                             f"(rotating {dim} of {hd} dims) is not supported")
+        inv = 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+    return inv / spec.rope_factor
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    freqs = positions[:, None].float() * inv_freq[None, :]  # (N, D/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (N, D)
+    return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]  # (N, 1, D) each
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (N, H, D); rotate_half spans the whole head dim."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class MLP(nn.Module):
+    """Gated GELU MLP (the dense branch of every layer, and the self-conditioning MLP)."""
+
+    def __init__(self, hidden: int, inter: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, with_scale=False)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.scale = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.per_expert_scale = nn.Parameter(torch.ones(cfg.num_experts))
+        self.top_k = cfg.top_k_experts
+        self.root_size = cfg.hidden_size ** -0.5
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.norm(x) * self.scale * self.root_size
+        probs = torch.softmax(self.proj(h), dim=-1, dtype=torch.float32)  # (N, E)
+        weights, idx = torch.topk(probs, k=self.top_k, dim=-1)  # (N, K) each
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * self.per_expert_scale[idx], idx
+
+
+MIN_EXPERT_ROWS = 16
+
+
+class Experts(nn.Module):
+    """Expert weights as 3-D tensors (official names: ``gate_up_proj`` and ``down_proj``, no ``.weight``).
+
+    Batch invariance: GEMM libraries pick other kernels for a handful of rows (on x86 CPUs
+    ``F.linear`` rows differ in the last bit below 16 rows), so an expert that gets 3 tokens
+    alone but 20 in a batch would round differently and a seeded request would change with
+    its neighbours. Each expert's group is therefore padded to ``MIN_EXPERT_ROWS`` rows.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
+        self.down_proj = nn.Parameter(torch.empty(e, h, i))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """x: (N, H); weights, idx: (N, K). Tokens are grouped by expert: one GEMM pair per expert hit."""
+        n, k = idx.shape
+        flat = idx.reshape(-1)  # (N*K,) assignment -> expert
+        order = torch.argsort(flat, stable=True)  # assignments grouped by expert
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
+        xs = x[order // k]  # (N*K, H) token rows in expert order
+        ys = torch.empty_like(xs)
+        start = 0
+        for e, c in enumerate(counts):
+            if c == 0:
+                continue
+            rows = xs[start:start + c]
+            if c < MIN_EXPERT_ROWS:
+                rows = torch.cat([rows, rows.new_zeros(MIN_EXPERT_ROWS - c, rows.shape[1])])
+            gate, up = F.linear(rows, self.gate_up_proj[e]).chunk(2, dim=-1)  # (c', I) each
+            ys[start:start + c] = F.linear(F.gelu(gate, approximate="tanh") * up, self.down_proj[e])[:c]  # (c, H)
+            start += c
+        y = torch.empty_like(ys)
+        y[order] = ys  # back to (token, k) order
+        return (y.view(n, k, -1) * weights[..., None]).sum(1).to(x.dtype)  # (N, H)

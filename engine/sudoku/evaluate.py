@@ -1,0 +1,165 @@
+"""Evaluation of the Sudoku checkpoints on the held-out test split, and the figures of
+docs/sudoku.md. A puzzle counts as solved when the returned grid is a valid Sudoku (every row,
+column and box holds 1..9 once) that keeps every given cell; with unique-solution puzzles
+that is the same as equal to the stored solution, which is checked as well."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from . import data, grid
+
+
+def score(puzzles: np.ndarray, solutions: np.ndarray, results) -> dict:
+    solved = 0
+    for p, s, r in zip(puzzles, solutions, results):
+        p_t, s_t = tuple(int(v) for v in p), tuple(int(v) for v in s)
+        if grid.is_valid_solution(r.grid, p_t) and r.grid == s_t:
+            solved += 1
+    blanks = (puzzles == 0).sum(1)
+    steps = np.array([r.steps for r in results], float)
+    return {
+        "n": len(results), "solved": solved, "solve_rate": solved / max(1, len(results)),
+        "mean_steps": float(steps.mean()), "mean_tokens_per_step": float(np.mean([81 / s for s in steps])),
+        "mean_blank_cells_per_step": float(np.mean(blanks / steps)),
+    }
+
+
+def _solver(backend: str, model: str | None, threads: int):
+    from .solve import EngineSolver, ReferenceSolver
+
+    if backend == "engine":
+        return EngineSolver(model, threads=threads)
+    return ReferenceSolver(model, threads=threads)
+
+
+def run_evaluation(model: str | None, ar_model: str | None, n: int, steps: Sequence[int], sweep_blanks: int,
+                   backend: str, out: Path, threads: int, data_dir: Path,
+                   entropy_bounds: Sequence[float] = (0.03, 0.1, 0.3, 1.0, 3.0)) -> dict:
+    """Solve rates at 30/40/50 blanks (diffusion with the first step cap, AR greedy), the step-cap
+    and entropy-bound sweeps at ``sweep_blanks``; writes ``sudoku_results.json`` and the plots."""
+    from tqdm import tqdm
+
+    out.mkdir(parents=True, exist_ok=True)
+    sets = {b: data.eval_set("test", b, n, data_dir) for b in data.EVAL_BLANKS}
+    res: dict = {"machine": f"{platform.machine()} CPU, torch threads={threads}", "n_per_level": n,
+                 "backend": backend, "diffusion": {}, "ar": {}, "steps_sweep": [], "entropy_sweep": []}
+    solver = _solver(backend, model, threads)
+    main = steps[0]
+    for b, (puz, sol) in tqdm(sets.items(), desc="diffusion"):
+        t0 = time.time()
+        r = score(puz, sol, solver.solve(list(puz), steps=main, seed=b))
+        r["seconds"] = round(time.time() - t0, 1)
+        r["max_denoising_steps"] = main
+        res["diffusion"][str(b)] = r
+    puz, sol = sets[sweep_blanks]
+    for s in tqdm(steps, desc="steps sweep"):
+        r = score(puz, sol, solver.solve(list(puz), steps=s, seed=1000 + s))
+        res["steps_sweep"].append({"max_denoising_steps": s, **r})
+    for eb in tqdm(entropy_bounds, desc="entropy sweep"):
+        r = score(puz, sol, solver.solve(list(puz), steps=main, seed=2000, entropy_bound=eb))
+        res["entropy_sweep"].append({"entropy_bound": eb, "max_denoising_steps": main, **r})
+    if ar_model:
+        from .solve import ARSolver
+
+        ar = ARSolver(ar_model, threads=threads)
+        for b, (puz, sol) in tqdm(sets.items(), desc="autoregressive"):
+            t0 = time.time()
+            r = score(puz, sol, ar.solve(list(puz)))
+            r["seconds"] = round(time.time() - t0, 1)
+            res["ar"][str(b)] = r
+    (out / "sudoku_results.json").write_text(json.dumps(res, indent=2) + "\n")
+    plot_results(res, out / "sudoku_solve_rate.png")
+    return res
+
+
+def plot_results(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4.2))
+    levels = list(res["diffusion"])
+    x = np.arange(len(levels))
+    a.bar(x - 0.2, [100 * res["diffusion"][k]["solve_rate"] for k in levels], 0.4, label="diffusion")
+    if res.get("ar"):
+        a.bar(x + 0.2, [100 * res["ar"][k]["solve_rate"] for k in levels], 0.4, label="autoregressive twin")
+    a.set_xticks(x, [f"{k} blanks" for k in levels])
+    a.set_ylabel("solved (%)")
+    a.set_ylim(0, 100)
+    a.set_title(f"Solve rate, {res['n_per_level']} test puzzles per level")
+    a.legend()
+    sw = res["steps_sweep"]
+    b.plot([r["max_denoising_steps"] for r in sw], [100 * r["solve_rate"] for r in sw], "o-", label="solved (%)")
+    b.set_xscale("log", base=2)
+    b.set_xlabel("max_denoising_steps")
+    b.set_ylabel("solved (%)")
+    b.set_ylim(0, 100)
+    b2 = b.twinx()
+    b2.plot([r["max_denoising_steps"] for r in sw], [r["mean_blank_cells_per_step"] for r in sw], "s--",
+            color="tab:orange", label="blank cells / step")
+    b2.set_ylabel("blank cells committed per step", color="tab:orange")
+    b.set_title("Step cap sweep (40 blanks)")
+    es = res["entropy_sweep"]
+    c.plot([r["mean_blank_cells_per_step"] for r in es], [100 * r["solve_rate"] for r in es], "o-")
+    for r in es:
+        c.annotate(f"bound {r['entropy_bound']}", (r["mean_blank_cells_per_step"], 100 * r["solve_rate"]),
+                   fontsize=8, xytext=(4, 4), textcoords="offset points")
+    c.set_xlabel("blank cells committed per denoising step (mean)")
+    c.set_ylabel("solved (%)")
+    c.set_ylim(0, 100)
+    c.set_title("Entropy-bound sweep (40 blanks)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_denoising(puzzle: Sequence[int], frames: list[dict], path: Path, title: str = "") -> None:
+    """One canvas step by step. ``frames``: dicts with ``canvas`` (81 token ids on the canvas
+    after the step), ``accepted`` (81 bools) and ``step``. Given cells black, accepted cells
+    blue, renoised cells grey (their random token shown small)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .tokenizer import VOCAB
+
+    cols = min(6, len(frames))
+    rows = (len(frames) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, fr in zip(axes.flat, frames):
+        ax.set_xlim(0, 9)
+        ax.set_ylim(9, 0)
+        for k in range(10):
+            lw = 1.6 if k % 3 == 0 else 0.4
+            ax.plot([k, k], [0, 9], "k", lw=lw)
+            ax.plot([0, 9], [k, k], "k", lw=lw)
+        for i in range(81):
+            r, cc = divmod(i, 9)
+            tok = VOCAB[int(fr["canvas"][i])].replace("\n", "\\n")
+            if puzzle[i]:
+                ax.text(cc + 0.5, r + 0.55, tok, ha="center", va="center", fontsize=8, color="black",
+                        weight="bold")
+            elif fr["accepted"][i]:
+                ax.text(cc + 0.5, r + 0.55, tok, ha="center", va="center", fontsize=8, color="tab:blue")
+            else:
+                ax.add_patch(plt.Rectangle((cc, r), 1, 1, color="0.85", lw=0))
+                ax.text(cc + 0.5, r + 0.55, tok if len(tok) == 1 else "·", ha="center", va="center",
+                        fontsize=5, color="0.45")
+        n_acc = sum(1 for i in range(81) if fr["accepted"][i] and not puzzle[i])
+        ax.set_title(f"step {fr['step']}: {n_acc}/{sum(1 for v in puzzle if not v)} blanks kept", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
