@@ -64,8 +64,9 @@ def is_subset(want: Any, have: Any) -> bool:
 
 
 def merge_patch(have: Any, want: Any) -> Any:
-    """RFC 7386 merge patch turning ``have`` into ``want`` (keys ``want`` lacks become null;
-    a list that differs is replaced whole)."""
+    """RFC 7386 merge patch turning ``have`` into ``want``: keys ``want`` lacks become null, a list
+    that is not exactly equal is replaced whole (an element that lost a key must lose it; keys the
+    API server defaulted inside come back when it defaults the new list)."""
     if not isinstance(want, dict) or not isinstance(have, dict):
         return want
     patch: dict[str, Any] = {}
@@ -76,7 +77,7 @@ def merge_patch(have: Any, want: Any) -> Any:
             sub = merge_patch(have[key], value)
             if sub:
                 patch[key] = sub
-        elif not is_subset(value, have[key]):
+        elif value != have[key]:
             patch[key] = value
     for key in have:
         if key not in want:

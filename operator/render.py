@@ -267,8 +267,9 @@ def _grpc_port(spec: DiffusionGemmaSpec) -> dict[str, Any]:
 
 def _head_group(spec: DiffusionGemmaSpec, owner: Owner) -> dict[str, Any]:
     res = {"cpu": spec.resources.head.cpu, "memory": spec.resources.head.memory}
-    ports = [{"name": "gcs-server", "containerPort": 6379}, {"name": "dashboard", "containerPort": 8265},
-             {"name": "client", "containerPort": 10001}, {"name": "serve", "containerPort": 8000}, _grpc_port(spec)]
+    ports = [{"name": n, "containerPort": p, "protocol": "TCP"}
+             for n, p in (("gcs-server", 6379), ("dashboard", 8265), ("client", 10001), ("serve", 8000))]
+    ports.append(_grpc_port(spec))
     container = _container("ray-head", spec, res, [], [], ports)
     return {
         # num-cpus 0: the head runs Serve's controller and proxy, never a replica.
