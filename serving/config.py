@@ -115,6 +115,9 @@ class _ReplicaSet(BaseModel):
     health_check_timeout_s: float = Field(default=30.0, gt=0.0, description="A health check slower than this fails.")
     graceful_shutdown_timeout_s: float = Field(default=20.0, ge=0.0, description="On shutdown, in-flight requests "
                                                "get this long to finish before the replica is killed.")
+    max_constructor_retry_count: int = Field(default=3, ge=1, description="Serve retries a failing replica start "
+                                             "this many times before the deployment fails (a refused context fails "
+                                             "fast instead of retrying for minutes).")
 
 
 class DiffusionBackendConfig(_ReplicaSet):

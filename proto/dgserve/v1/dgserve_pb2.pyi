@@ -134,7 +134,7 @@ class DenoisingStats(_message.Message):
     def __init__(self, canvases: _Optional[int] = ..., steps_per_canvas: _Optional[_Iterable[int]] = ..., tokens_per_step: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("request_id", "text", "token_ids", "finish_reason", "backend", "replica", "model", "usage", "timings", "denoising")
+    __slots__ = ("request_id", "text", "token_ids", "finish_reason", "backend", "replica", "model", "usage", "timings", "denoising", "replica_in_flight")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +145,7 @@ class GenerateResponse(_message.Message):
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     DENOISING_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -155,7 +156,8 @@ class GenerateResponse(_message.Message):
     usage: Usage
     timings: Timings
     denoising: DenoisingStats
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., backend: _Optional[_Union[Backend, str]] = ..., replica: _Optional[str] = ..., model: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., denoising: _Optional[_Union[DenoisingStats, _Mapping]] = ...) -> None: ...
+    replica_in_flight: int
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., backend: _Optional[_Union[Backend, str]] = ..., replica: _Optional[str] = ..., model: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., denoising: _Optional[_Union[DenoisingStats, _Mapping]] = ..., replica_in_flight: _Optional[int] = ...) -> None: ...
 
 class TextChunk(_message.Message):
     __slots__ = ("index", "text", "token_ids", "steps")
@@ -184,7 +186,7 @@ class DraftProgress(_message.Message):
     def __init__(self, canvas_index: _Optional[int] = ..., step: _Optional[int] = ..., accepted: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ...) -> None: ...
 
 class GenerateStreamResponse(_message.Message):
-    __slots__ = ("request_id", "backend", "replica", "chunk", "draft", "finished", "finish_reason", "usage", "timings", "denoising", "model")
+    __slots__ = ("request_id", "backend", "replica", "chunk", "draft", "finished", "finish_reason", "usage", "timings", "denoising", "model", "replica_in_flight")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     REPLICA_FIELD_NUMBER: _ClassVar[int]
@@ -196,6 +198,7 @@ class GenerateStreamResponse(_message.Message):
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     DENOISING_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     backend: Backend
     replica: str
@@ -207,14 +210,35 @@ class GenerateStreamResponse(_message.Message):
     timings: Timings
     denoising: DenoisingStats
     model: str
-    def __init__(self, request_id: _Optional[str] = ..., backend: _Optional[_Union[Backend, str]] = ..., replica: _Optional[str] = ..., chunk: _Optional[_Union[TextChunk, _Mapping]] = ..., draft: _Optional[_Union[DraftProgress, _Mapping]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., denoising: _Optional[_Union[DenoisingStats, _Mapping]] = ..., model: _Optional[str] = ...) -> None: ...
+    replica_in_flight: int
+    def __init__(self, request_id: _Optional[str] = ..., backend: _Optional[_Union[Backend, str]] = ..., replica: _Optional[str] = ..., chunk: _Optional[_Union[TextChunk, _Mapping]] = ..., draft: _Optional[_Union[DraftProgress, _Mapping]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., denoising: _Optional[_Union[DenoisingStats, _Mapping]] = ..., model: _Optional[str] = ..., replica_in_flight: _Optional[int] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ReplicaStats(_message.Message):
+    __slots__ = ("replica", "healthy", "in_flight", "peak_in_flight", "requests", "steps_per_canvas", "tokens_per_second", "engine_in_flight")
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    PEAK_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_PER_CANVAS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    replica: str
+    healthy: bool
+    in_flight: int
+    peak_in_flight: int
+    requests: int
+    steps_per_canvas: float
+    tokens_per_second: float
+    engine_in_flight: int
+    def __init__(self, replica: _Optional[str] = ..., healthy: _Optional[bool] = ..., in_flight: _Optional[int] = ..., peak_in_flight: _Optional[int] = ..., requests: _Optional[int] = ..., steps_per_canvas: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., engine_in_flight: _Optional[int] = ...) -> None: ...
+
 class BackendInfo(_message.Message):
-    __slots__ = ("backend", "model", "kind", "served_context_length", "max_batch", "running_replicas", "canvas_length", "tensor_parallel_size")
+    __slots__ = ("backend", "model", "kind", "served_context_length", "max_batch", "running_replicas", "canvas_length", "tensor_parallel_size", "replicas", "router_in_flight", "router_capacity")
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -223,6 +247,9 @@ class BackendInfo(_message.Message):
     RUNNING_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     CANVAS_LENGTH_FIELD_NUMBER: _ClassVar[int]
     TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    ROUTER_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    ROUTER_CAPACITY_FIELD_NUMBER: _ClassVar[int]
     backend: Backend
     model: str
     kind: str
@@ -231,10 +258,13 @@ class BackendInfo(_message.Message):
     running_replicas: int
     canvas_length: int
     tensor_parallel_size: int
-    def __init__(self, backend: _Optional[_Union[Backend, str]] = ..., model: _Optional[str] = ..., kind: _Optional[str] = ..., served_context_length: _Optional[int] = ..., max_batch: _Optional[int] = ..., running_replicas: _Optional[int] = ..., canvas_length: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ...) -> None: ...
+    replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStats]
+    router_in_flight: int
+    router_capacity: int
+    def __init__(self, backend: _Optional[_Union[Backend, str]] = ..., model: _Optional[str] = ..., kind: _Optional[str] = ..., served_context_length: _Optional[int] = ..., max_batch: _Optional[int] = ..., running_replicas: _Optional[int] = ..., canvas_length: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStats, _Mapping]]] = ..., router_in_flight: _Optional[int] = ..., router_capacity: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "promised_context_length", "served_context_length", "canvas_length", "max_batch", "backends", "api_version")
+    __slots__ = ("model", "promised_context_length", "served_context_length", "canvas_length", "max_batch", "backends", "api_version", "queued")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMISED_CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     SERVED_CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -242,6 +272,7 @@ class ModelInfo(_message.Message):
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     BACKENDS_FIELD_NUMBER: _ClassVar[int]
     API_VERSION_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
     model: str
     promised_context_length: int
     served_context_length: int
@@ -249,4 +280,5 @@ class ModelInfo(_message.Message):
     max_batch: int
     backends: _containers.RepeatedCompositeFieldContainer[BackendInfo]
     api_version: str
-    def __init__(self, model: _Optional[str] = ..., promised_context_length: _Optional[int] = ..., served_context_length: _Optional[int] = ..., canvas_length: _Optional[int] = ..., max_batch: _Optional[int] = ..., backends: _Optional[_Iterable[_Union[BackendInfo, _Mapping]]] = ..., api_version: _Optional[str] = ...) -> None: ...
+    queued: int
+    def __init__(self, model: _Optional[str] = ..., promised_context_length: _Optional[int] = ..., served_context_length: _Optional[int] = ..., canvas_length: _Optional[int] = ..., max_batch: _Optional[int] = ..., backends: _Optional[_Iterable[_Union[BackendInfo, _Mapping]]] = ..., api_version: _Optional[str] = ..., queued: _Optional[int] = ...) -> None: ...

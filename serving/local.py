@@ -1,0 +1,167 @@
+"""Local mode: one machine, a private Ray, the whole app behind Serve's gRPC proxy on localhost.
+
+Ray's temp dir lives in the state dir (``dgserve.paths.state_dir()/ray``) and Ray's token auth is
+off (``RAY_AUTH_MODE=disabled``), so nothing is written under ``~/.ray``. The default config serves
+a tiny DiffusionGemma checkpoint (generated once into the state dir; a trained checkpoint shipped
+by the project replaces it when present) with the SmolLM2 fallback.
+
+Note: Ray 2.60's gRPC proxy listens on every interface (``[::]:port``); clients here use loopback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from dgserve.paths import state_dir
+
+from .config import AppConfig
+
+log = logging.getLogger("dgserve.serving")
+
+LOCAL_PROMISED_CONTEXT = 2048
+MAX_TEMP_DIR_CHARS = 40  # Ray puts unix sockets under <temp>/session_<date>_<pid>/sockets/...: 107-char limit
+
+
+class DeployError(RuntimeError):
+    """The application did not start; the message carries every failing deployment's reason."""
+
+
+def tiny_model_dir() -> Path:
+    """The bundled small diffusion checkpoint: generated once into the state dir."""
+    from dgserve.engine.tiny import make_tiny_model
+
+    path = state_dir() / "models" / "tiny-diffusiongemma"
+    if not (path / "config.json").exists() or not (path / "model.safetensors").exists():
+        log.info("writing the tiny diffusion checkpoint to %s", path)
+        make_tiny_model(path)
+    return path
+
+
+def default_config(port: int | None = None) -> AppConfig:
+    """The embedded default: tiny diffusion model (1 replica, batch cap 4) + SmolLM2 fallback."""
+    cfg: dict[str, Any] = {
+        "promised_context_length": LOCAL_PROMISED_CONTEXT,
+        "diffusion": {"engine": {"model": str(tiny_model_dir()), "model_name": "tiny-diffusiongemma",
+                                 "max_batch": 4, "device": "cpu"}},
+        "fallback": {"kind": "smollm2", "max_batch": 8, "default_max_new_tokens": 64},
+    }
+    if port is not None:
+        cfg["router"] = {"grpc_port": port}
+    return AppConfig.model_validate(cfg)
+
+
+def ray_temp_dir() -> Path:
+    """``<state>/ray``, or a short per-state-dir folder in the system temp dir when that path is too long
+    for Ray's unix sockets."""
+    path = state_dir() / "ray"
+    if len(str(path)) > MAX_TEMP_DIR_CHARS:
+        digest = hashlib.sha1(str(path).encode()).hexdigest()[:10]
+        path = Path(tempfile.gettempdir()) / f"dgserve-ray-{digest}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ray(num_cpus: int | None = None) -> None:
+    """A private local Ray (no dashboard, temp dir in the state dir, auth off)."""
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ.setdefault("DGSERVE_STATE_DIR", str(state_dir()))  # replicas find the model cache there
+    os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
+    if ray.is_initialized():
+        return
+    ray.init(_temp_dir=str(ray_temp_dir()), num_cpus=num_cpus or max(2, os.cpu_count() or 2),
+             include_dashboard=False, log_to_driver=False, configure_logging=False)
+
+
+def start_serve(grpc_port: int) -> None:
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    from .config import GRPC_SERVICER_FUNCTIONS
+
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": free_port()},
+        grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=list(GRPC_SERVICER_FUNCTIONS)),
+    )
+
+
+def deploy(config: AppConfig, **build_kwargs: Any) -> None:
+    """Deploy (or replace) the app and wait until it runs; DeployError names every failing deployment."""
+    from ray import serve
+
+    from .app import build_app
+
+    try:
+        serve.run(build_app(config, **build_kwargs), name=config.name, route_prefix="/", blocking=False)
+    except RuntimeError as e:
+        raise DeployError(f"application {config.name!r} failed to start: {deployment_failures(config.name) or e}") \
+            from None
+
+
+def deployment_failures(app: str) -> str:
+    from ray import serve
+
+    try:
+        status = serve.status().applications[app]
+    except KeyError:
+        return ""
+    msgs = [f"{name}: {d.message}" for name, d in status.deployments.items() if d.message]
+    return "; ".join(msgs) or status.message
+
+
+def wait_healthy(target: str, timeout_s: float = 60.0) -> None:
+    """Until grpc.health.v1 answers SERVING through the proxy (the proxy starts routing a moment after
+    the app is up)."""
+    from .client import Client
+
+    deadline = time.monotonic() + timeout_s
+    last: str = ""
+    with Client(target) as client:
+        while time.monotonic() < deadline:
+            try:
+                if client.health(timeout=2.0) == "SERVING":
+                    return
+                last = "NOT_SERVING"
+            except Exception as e:  # proxy not routing yet
+                last = str(e)
+            time.sleep(0.2)
+    raise DeployError(f"{target} did not become healthy within {timeout_s}s (last: {last})")
+
+
+def shutdown() -> None:
+    import ray
+    from ray import serve
+
+    with contextlib.suppress(Exception):
+        serve.shutdown()
+    ray.shutdown()
+
+
+@contextlib.contextmanager
+def local_stack(config: AppConfig, *, startup_timeout_s: float = 600.0, **build_kwargs: Any) -> Iterator[str]:
+    """Start Ray + Serve, deploy ``config``, yield ``"127.0.0.1:PORT"``; shut everything down on exit."""
+    start_ray()
+    try:
+        start_serve(config.router.grpc_port)
+        deploy(config, **build_kwargs)
+        target = f"127.0.0.1:{config.router.grpc_port}"
+        wait_healthy(target, timeout_s=startup_timeout_s)
+        yield target
+    finally:
+        shutdown()
