@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import math
-import subprocess
 import sys
 
 import pytest
@@ -284,20 +283,25 @@ def test_example_renders_for_one_h100():
     assert serve_args(rs)["promised_context_length"] == 262144
 
 
-def test_dgserve_render_cli(tmp_path):
-    example = (REPO_ROOT / "deploy/diffusiongemma.yaml").read_text()
-    out = subprocess.run([sys.executable, "-m", "dgserve.cli", "render", "-f", "-", "-n", "prod"], input=example,
-                         capture_output=True, text=True, check=True).stdout
+def test_dgserve_render_cli(capsys, monkeypatch):
+    import io
+
+    from dgserve.cli import main
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO((REPO_ROOT / "deploy/diffusiongemma.yaml").read_text()))
+    assert main(["render", "-f", "-", "-n", "prod"]) == 0
+    out = capsys.readouterr().out
     (rs,) = list(yaml.safe_load_all(out))
     assert rs["kind"] == "RayService" and rs["metadata"]["namespace"] == "prod"
     assert "ownerReferences" not in rs["metadata"]  # no uid without a cluster
     assert out == to_yaml([rs])
 
 
-def test_dgserve_render_cli_refuses_a_bad_spec(tmp_path):
+def test_dgserve_render_cli_refuses_a_bad_spec(tmp_path, capsys):
+    from dgserve.cli import main
+
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"apiVersion": names.API_VERSION, "kind": names.KIND, "metadata": {"name": "g"},
                                    "spec": {"model": {"pvc": {"claimName": "m"}}, "quantization": "fp8"}}))
-    proc = subprocess.run([sys.executable, "-m", "dgserve.cli", "render", "-f", str(bad)], capture_output=True,
-                          text=True)
-    assert proc.returncode == 2 and "quantization 'fp8'" in proc.stderr
+    assert main(["render", "-f", str(bad)]) == 2
+    assert "quantization 'fp8'" in capsys.readouterr().err
