@@ -2,9 +2,11 @@
 
 Inputs are the KubeRay RayService's status (its ``Ready``/``UpgradeInProgress`` conditions, the
 Serve application and deployment statuses) and the app's own start-up context verification:
-the dgserve app refuses to become healthy when a backend serves less context than promised and
-says so in its status message as ``key=value`` tokens, e.g.
-``context too short: backend=diffusion promised=262144 served=8192``. A RUNNING app has
+the dgserve app refuses to become healthy when a backend serves less context than promised, and
+the refusal (``dgserve.serving.diffusion.check_served_context``) reaches the Serve deployment and
+application messages that KubeRay copies, e.g. ``backend 'diffusion' (model '...') serves a
+context of 8192 tokens, less than the promised 262144``. ``key=value`` tokens
+(``backend=diffusion promised=262144 served=8192``) are understood too. A RUNNING app has
 therefore verified the promised context.
 
 The result is a new dict; the caller writes it only when it differs from the current status.
@@ -23,6 +25,8 @@ from .spec import DiffusionGemmaSpec
 
 HEALTHY_DEPLOYMENT = {"HEALTHY", "UPSCALING", "DOWNSCALING"}
 _TOKEN = re.compile(r"\b(backend|promised|served)\s*[=:]\s*([\w.-]+)", re.IGNORECASE)
+_PROSE = re.compile(r"backend '(?P<backend>[^']+)'.*?serves a context of (?P<served>\d+) tokens?, less than "
+                    r"the promised (?P<promised>\d+)", re.IGNORECASE | re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,9 @@ def parse_context_shortfall(message: str | None) -> ContextShortfall | None:
     """The app's context-verification failure, if ``message`` reports one."""
     if not message:
         return None
+    prose = _PROSE.search(message)
+    if prose:
+        return ContextShortfall(backend=prose["backend"], promised=int(prose["promised"]), served=int(prose["served"]))
     tokens = {k.lower(): v for k, v in _TOKEN.findall(message)}
     try:
         promised, served = int(tokens["promised"]), int(tokens["served"])

@@ -373,3 +373,40 @@ class _Logger:
 
     def warning(self, *a, **k):
         pass
+
+
+# --- the contract with serving's start-up context check -----------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["diffusion", "fallback"])
+def test_serving_context_refusal_is_understood(backend):
+    """The message serving raises (and Serve/KubeRay pass on) is parsed into the shortfall."""
+    from dgserve.engine.errors import ContextVerificationError
+    from dgserve.operator.status import parse_context_shortfall
+    from dgserve.serving.diffusion import check_served_context
+
+    with pytest.raises(ContextVerificationError) as info:
+        check_served_context(backend, "google/diffusiongemma-26B-A4B-it", 8192, 262144)
+    # as it reaches the deployment status: inside a traceback from the replica's constructor
+    message = f"The deployment failed to start 3 times in a row.\nTraceback ...\n{type(info.value).__name__}: {info.value}"
+    shortfall = parse_context_shortfall(message)
+    assert shortfall is not None
+    assert (shortfall.backend, shortfall.promised, shortfall.served) == (backend, 262144, 8192)
+    assert parse_context_shortfall("replica crashed: CUDA out of memory") is None
+
+
+def test_status_from_serving_refusal(kube, clock):
+    from dgserve.serving.diffusion import check_served_context
+
+    reconcile(dg(kube), kube, now=clock)
+    try:
+        check_served_context("fallback", "HuggingFaceTB/SmolLM2-135M-Instruct", 8192, 131072)
+    except Exception as e:  # noqa: BLE001 - the message is what matters
+        message = str(e)
+    kube.set_rayservice_status(NS, NAME, rs_status(app="DEPLOY_FAILED", ready="False", deployments={
+        names.DIFFUSION_DEPLOYMENT: {"status": "HEALTHY"},
+        names.FALLBACK_DEPLOYMENT: {"status": "UNHEALTHY", "message": message}}))
+    reconcile(dg(kube), kube, now=clock)
+    assert cond(kube, "FallbackReady")["reason"] == "ContextTooShort"
+    assert cond(kube, "ContextVerified")["message"] == "backend fallback serves 8192 tokens, 131072 promised"
+    assert status(kube)["servedContextLength"] == 8192

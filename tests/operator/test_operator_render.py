@@ -305,3 +305,25 @@ def test_dgserve_render_cli_refuses_a_bad_spec(tmp_path, capsys):
                                    "spec": {"model": {"pvc": {"claimName": "m"}}, "quantization": "fp8"}}))
     assert main(["render", "-f", str(bad)]) == 2
     assert "quantization 'fp8'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4, 8])
+def test_serving_builder_accepts_rendered_args_and_packs_tp_gpus(tp):
+    """The rendered args go through serving's own entrypoint; a replica reserves tp GPU bundles,
+    STRICT_PACK (one node), the first one carrying the custom resource that pins it to our workers."""
+    from dgserve.serving.app import app_builder, diffusion_options
+
+    rs = build_rayservice(spec_of(tensorParallelSize=tp, resources={"gpusPerWorker": 8},
+                                  fallback={"type": "InCluster", "contextLength": 262144}), OWNER)
+    args = serve_args(rs)
+    app_builder(args)  # binds Router, DiffusionReplica, AutoregressiveFallback without a Ray cluster
+    opts = diffusion_options(AppConfig.model_validate(args))
+    assert opts["max_ongoing_requests"] == 4
+    if tp == 1:
+        assert opts["ray_actor_options"]["num_gpus"] == 1.0
+        assert opts["ray_actor_options"]["resources"] == {DIFFUSION_RAY_RESOURCE: 1.0}
+    else:
+        bundles = opts["placement_group_bundles"]
+        assert len(bundles) == tp and all(b["GPU"] == 1.0 for b in bundles)
+        assert bundles[0][DIFFUSION_RAY_RESOURCE] == 1.0
+        assert opts["placement_group_strategy"] == "STRICT_PACK"
