@@ -21,7 +21,7 @@ import kopf
 from . import names
 from .errors import ApiRejectedError, InvalidSpecError, KubeRayMissingError, TransientApiError
 from .kube import ApiKube, Kube
-from .reconcile import reconcile, refresh_status
+from .reconcile import recreate_if_owner_alive, reconcile, refresh_status
 
 KUBERAY_RETRY_S = 60.0
 
@@ -82,13 +82,18 @@ def delete_diffusiongemma(name: str, namespace: str, logger: logging.Logger, **_
                labels={names.LABEL_MANAGED_BY: names.MANAGER})
 def rayservice_event(event: dict[str, Any], body: kopf.Body, memo: kopf.Memo, logger: logging.Logger,
                      **_: Any) -> None:
-    """A RayService we own changed: mirror its status into the DiffusionGemma's."""
-    if event.get("type") == "DELETED":
-        return
+    """A RayService we own changed: mirror its status into the DiffusionGemma's; deleted while
+    its DiffusionGemma lives on: render it again."""
     try:
+        if event.get("type") == "DELETED":
+            action = recreate_if_owner_alive(_plain(body), _kube(memo))
+            if action is not None:
+                logger.warning("RayService was deleted behind the operator's back: %s again", action)
+            return
         refresh_status(_plain(body), _kube(memo))
-    except TransientApiError as e:  # event handlers are not retried; the next event refreshes again
-        logger.warning("status refresh failed: %s", e)
+    except (TransientApiError, KubeRayMissingError, InvalidSpecError, ApiRejectedError) as e:
+        # event handlers are not retried by kopf; the next event (or a resume) tries again
+        logger.warning("RayService event not handled: %s", e)
 
 
 def _plain(body: kopf.Body) -> dict[str, Any]:

@@ -195,6 +195,29 @@ def reconcile(body: dict[str, Any], kube: Kube, *, now: Clock = utc_now) -> Acti
     return action
 
 
+def _owner_of(rayservice: dict[str, Any], kube: Kube) -> dict[str, Any] | None:
+    """The DiffusionGemma that controls ``rayservice`` (None if gone or not ours)."""
+    meta = rayservice.get("metadata") or {}
+    name, ns = (meta.get("labels") or {}).get(names.LABEL_OWNER), meta.get("namespace")
+    if not name or not ns:
+        return None
+    body = kube.get_diffusiongemma(ns, name)
+    if body is None:  # deleted: garbage collection removes the RayService
+        return None
+    uid = (body.get("metadata") or {}).get("uid")
+    if not any(r.get("uid") == uid and r.get("controller") for r in meta.get("ownerReferences") or []):
+        return None
+    return body
+
+
+def recreate_if_owner_alive(rayservice: dict[str, Any], kube: Kube, *, now: Clock = utc_now) -> Action | None:
+    """A RayService we own was deleted while its DiffusionGemma lives on: render it again."""
+    body = _owner_of(rayservice, kube)
+    if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
+        return None
+    return reconcile(body, kube, now=now)
+
+
 def refresh_status(rayservice: dict[str, Any], kube: Kube, *, now: Clock = utc_now) -> bool:
     """Mirror a RayService's status change into its DiffusionGemma's status (the event path).
 
@@ -202,15 +225,8 @@ def refresh_status(rayservice: dict[str, Any], kube: Kube, *, now: Clock = utc_n
     change the reconcile has not handled yet (it will write the status itself). Returns whether
     a status was written.
     """
-    meta = rayservice.get("metadata") or {}
-    name, ns = (meta.get("labels") or {}).get(names.LABEL_OWNER), meta.get("namespace")
-    if not name or not ns:
-        return False
-    body = kube.get_diffusiongemma(ns, name)
-    if body is None:  # deleted: garbage collection removes the RayService
-        return False
-    uid = (body.get("metadata") or {}).get("uid")
-    if not any(r.get("uid") == uid and r.get("controller") for r in meta.get("ownerReferences") or []):
+    body = _owner_of(rayservice, kube)
+    if body is None:
         return False
     old = body.get("status") or {}
     generation = (body.get("metadata") or {}).get("generation")

@@ -410,3 +410,20 @@ def test_status_from_serving_refusal(kube, clock):
     assert cond(kube, "FallbackReady")["reason"] == "ContextTooShort"
     assert cond(kube, "ContextVerified")["message"] == "backend fallback serves 8192 tokens, 131072 promised"
     assert status(kube)["servedContextLength"] == 8192
+
+
+def test_rayservice_deleted_behind_our_back_is_recreated(kube, clock):
+    reconcile(dg(kube), kube, now=clock)
+    gone = kube.rayservices.pop((NS, NAME))
+    handlers.rayservice_event(event={"type": "DELETED"}, body=gone, memo={"kube": kube}, logger=_Logger())
+    assert (NS, NAME) in kube.rayservices
+
+
+def test_rayservice_deleted_with_its_owner_stays_deleted(kube, clock):
+    reconcile(dg(kube), kube, now=clock)
+    gone = kube.rayservices.pop((NS, NAME))
+    kube.diffusiongemmas[(NS, NAME)]["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    handlers.rayservice_event(event={"type": "DELETED"}, body=gone, memo={"kube": kube}, logger=_Logger())
+    del kube.diffusiongemmas[(NS, NAME)]
+    handlers.rayservice_event(event={"type": "DELETED"}, body=gone, memo={"kube": kube}, logger=_Logger())
+    assert (NS, NAME) not in kube.rayservices
