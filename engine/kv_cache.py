@@ -69,6 +69,9 @@ class KVCache:
         if cache_len - s0 + n_tokens <= self.sliding_capacity:
             return
         keep = min(cache_len - s0, self.window - 1)
+        if keep + n_tokens > self.sliding_capacity:
+            raise RuntimeError(f"slot {slot}: {n_tokens} tokens in one forward exceed the sliding buffer "
+                               f"({self.sliding_capacity} = window-1 + chunk + canvas)")
         src = cache_len - s0 - keep
         for i in self.sliding_layers:
             for buf in (self.k[i], self.v[i]):

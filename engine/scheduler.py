@@ -95,9 +95,11 @@ class Scheduler:
         plan = []
         for seq in self.running:
             if seq.phase is Phase.PREFILL:
-                n = min(len(seq.prompt) - seq.prefilled, budget)
-                if n == 0:
-                    continue  # budget spent: this prompt continues next step
+                # chunk boundaries depend on the request alone (batch invariance): a chunk that
+                # does not fit this step's budget waits for the next step instead of shrinking
+                n = min(len(seq.prompt) - seq.prefilled, self.prefill_chunk)
+                if n > budget:
+                    continue
                 budget -= n
                 tokens = list(seq.prompt[seq.prefilled:seq.prefilled + n])
                 with_canvas = seq.prefilled + n == len(seq.prompt)
