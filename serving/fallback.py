@@ -154,8 +154,6 @@ class TransformersBackend:
         from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-        if cfg.device == "cpu" and os.environ.get("DGSERVE_TORCH_THREADS"):
-            torch.set_num_threads(int(os.environ["DGSERVE_TORCH_THREADS"]))
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, cfg.dtype)).to(cfg.device)
         eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None \

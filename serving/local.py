@@ -121,8 +121,20 @@ def deployment_failures(app: str) -> str:
         status = serve.status().applications[app]
     except KeyError:
         return ""
-    msgs = [f"{name}: {d.message}" for name, d in status.deployments.items() if d.message]
+    msgs = [f"{name}: {_last_error_line(d.message)}" for name, d in status.deployments.items() if d.message]
     return "; ".join(msgs) or status.message
+
+
+def _last_error_line(message: str) -> str:
+    """The exception line at the end of a deployment's failure message (no traceback)."""
+    lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip()]
+    if not lines:
+        return message
+    last = lines[-1]
+    head, sep, rest = last.partition(": ")
+    if sep and "." in head and " " not in head:  # "pkg.module.SomeError: text" -> "SomeError: text"
+        return f"{head.rsplit('.', 1)[-1]}: {rest}"
+    return last
 
 
 def wait_healthy(target: str, timeout_s: float = 60.0) -> None:
