@@ -50,7 +50,8 @@ class Cond:
     message: str = ""
 
 
-def merge(old: list[dict[str, Any]] | None, new: list[Cond], *, now: str, generation: int | None) -> list[dict[str, Any]]:
+def merge(old: list[dict[str, Any]] | None, new: list[Cond], *, now: str,
+          generation: int | None) -> list[dict[str, Any]]:
     """The status.conditions list for ``new``: a condition keeps its ``lastTransitionTime``
     while its status stays the same; ordered by :data:`ORDER`."""
     previous = {c.get("type"): c for c in old or []}

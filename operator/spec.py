@@ -183,7 +183,8 @@ class GPUResources(_Model):
 
     gpus_per_worker: int = Field(default=1, ge=1, le=16, description="GPUs of one worker pod; a replica with "
                                  "tensorParallelSize N packs N of them (STRICT_PACK, one node).")
-    gpu_resource_name: str = Field(default="nvidia.com/gpu", max_length=253, pattern=r"^[-._a-zA-Z0-9]+/[-._a-zA-Z0-9]+$",
+    gpu_resource_name: str = Field(default="nvidia.com/gpu", max_length=253,
+                                   pattern=r"^[-._a-zA-Z0-9]+/[-._a-zA-Z0-9]+$",
                                    description="Extended resource that counts GPUs on the nodes.")
     accelerator_type: str | None = Field(default=None, max_length=64, pattern=r"^[-_A-Za-z0-9]+$",
                                          description="Ray accelerator type replicas must land on (e.g. H100); "

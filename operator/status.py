@@ -85,6 +85,41 @@ def _replicas_summary(spec: DiffusionGemmaSpec, ready: int) -> str:
     return f"{ready}/{r.min}" if r.min == r.max else f"{ready}/{r.min}-{r.max}"
 
 
+@dataclass(frozen=True)
+class ServeView:
+    """The parts of a RayService's status the conditions are computed from."""
+
+    rs_status: dict[str, Any]
+    app: dict[str, Any]  # our application on the active cluster
+    pending: dict[str, Any]  # pendingServiceStatus (a new cluster during a NewCluster upgrade)
+    shortfalls: list[ContextShortfall]
+    generation: int | None
+    observed: int | None
+
+    @classmethod
+    def of(cls, rs: dict[str, Any]) -> ServeView:
+        st = rs.get("status") or {}
+        pending = st.get("pendingServiceStatus") or {}
+        app = ((st.get("activeServiceStatus") or {}).get("applicationStatuses") or {}).get(APP_NAME) or {}
+        pending_app = (pending.get("applicationStatuses") or {}).get(APP_NAME) or {}
+        return cls(rs_status=st, app=app, pending=pending, shortfalls=_shortfalls(app, pending_app),
+                   generation=(rs.get("metadata") or {}).get("generation"), observed=st.get("observedGeneration"))
+
+    @property
+    def app_status(self) -> str | None:
+        return self.app.get("status")
+
+    @property
+    def running(self) -> bool:
+        return self.app_status == "RUNNING"
+
+    def deployment(self, name: str) -> dict[str, Any]:
+        return (self.app.get("serveDeploymentStatuses") or {}).get(name) or {}
+
+
+T, R = ConditionType, Reason
+
+
 def compute_status(spec: DiffusionGemmaSpec | None, owner: Owner, *, old: dict[str, Any] | None,
                    obs: Observation, now: str, generation: int | None) -> dict[str, Any]:
     """The new ``.status`` (``generation`` becomes ``observedGeneration``)."""
@@ -92,133 +127,122 @@ def compute_status(spec: DiffusionGemmaSpec | None, owner: Owner, *, old: dict[s
     status: dict[str, Any] = {}
     if generation is not None:
         status["observedGeneration"] = generation
-    conds = _conditions(spec, owner, old, obs, status)
+    if obs.invalid_spec is not None or spec is None:
+        conds = _all_same(obs.invalid_spec or "spec could not be read", R.INVALID_SPEC, fallback=None)
+    else:
+        status.update(rayService=owner.name, promisedContextLength=spec.context_length,
+                      endpoint=f"{owner.name}.{owner.namespace}.svc:{spec.grpc_port}",
+                      readyReplicas=0, replicas=_replicas_summary(spec, 0))
+        conds = _conditions(spec, old, obs, status)
     status["conditions"] = merge(old.get("conditions"), conds, now=now, generation=generation)
     return {k: v for k, v in status.items() if v is not None}
 
 
-def _conditions(spec: DiffusionGemmaSpec | None, owner: Owner, old: dict[str, Any], obs: Observation,
-                status: dict[str, Any]) -> list[Cond]:
-    T, R = ConditionType, Reason
-    if obs.invalid_spec is not None or spec is None:
-        msg = obs.invalid_spec or "spec could not be read"
-        return [Cond(T.READY, "False", R.INVALID_SPEC, msg), Cond(T.CONTEXT_VERIFIED, "Unknown", R.INVALID_SPEC, msg),
-                Cond(T.FALLBACK_READY, "Unknown", R.INVALID_SPEC, msg),
-                Cond(T.UPGRADE_IN_PROGRESS, "False", R.INVALID_SPEC, msg), Cond(T.DEGRADED, "True", R.INVALID_SPEC, msg)]
+def _fallback_disabled() -> Cond:
+    return Cond(T.FALLBACK_READY, "False", R.FALLBACK_DISABLED, "spec.fallback.type is Disabled: no overflow")
 
-    status.update(rayService=owner.name, promisedContextLength=spec.context_length,
-                  endpoint=f"{owner.name}.{owner.namespace}.svc:{spec.grpc_port}",
-                  readyReplicas=0, replicas=_replicas_summary(spec, 0))
-    fallback_off = spec.fallback.type == "Disabled"
-    fb_disabled = Cond(T.FALLBACK_READY, "False", R.FALLBACK_DISABLED, "spec.fallback.type is Disabled: no overflow")
 
+def _all_same(msg: str, reason: Reason, *, fallback: Cond | None) -> list[Cond]:
+    """Nothing runs (bad spec, KubeRay missing): every condition says why."""
+    return [Cond(T.READY, "False", reason, msg), Cond(T.CONTEXT_VERIFIED, "Unknown", reason, msg),
+            fallback or Cond(T.FALLBACK_READY, "Unknown", reason, msg),
+            Cond(T.UPGRADE_IN_PROGRESS, "False", reason, msg), Cond(T.DEGRADED, "True", reason, msg)]
+
+
+def _conditions(spec: DiffusionGemmaSpec, old: dict[str, Any], obs: Observation, status: dict[str, Any]) -> list[Cond]:
+    fallback_off = _fallback_disabled() if spec.fallback.type == "Disabled" else None
     if not obs.kuberay_installed:
-        msg = (f"KubeRay's RayService API ({names.RAYSERVICE_PLURAL}.{names.RAY_GROUP}/{names.RAY_VERSION}) is not "
-               "installed in this cluster: install the KubeRay operator (v1.7 CRDs)")
-        return [Cond(T.READY, "False", R.KUBERAY_MISSING, msg), Cond(T.CONTEXT_VERIFIED, "Unknown", R.KUBERAY_MISSING, msg),
-                fb_disabled if fallback_off else Cond(T.FALLBACK_READY, "Unknown", R.KUBERAY_MISSING, msg),
-                Cond(T.UPGRADE_IN_PROGRESS, "False", R.KUBERAY_MISSING, msg), Cond(T.DEGRADED, "True", R.KUBERAY_MISSING, msg)]
-
-    rs = obs.rayservice
-    if rs is None:
-        msg = f"RayService {owner.name} not created yet"
+        msg = (f"KubeRay's RayService API ({names.RAYSERVICE_PLURAL}.{names.RAY_GROUP}/{names.RAY_VERSION}) is "
+               "not installed in this cluster: install the KubeRay operator (v1.7 CRDs)")
+        return _all_same(msg, R.KUBERAY_MISSING, fallback=fallback_off)
+    if obs.rayservice is None:
+        msg = f"RayService {status['rayService']} not created yet"
         return [Cond(T.READY, "False", R.RAYSERVICE_PENDING, msg),
                 Cond(T.CONTEXT_VERIFIED, "Unknown", R.VERIFICATION_PENDING, msg),
-                fb_disabled if fallback_off else Cond(T.FALLBACK_READY, "Unknown", R.FALLBACK_PENDING, msg),
+                fallback_off or Cond(T.FALLBACK_READY, "Unknown", R.FALLBACK_PENDING, msg),
                 Cond(T.UPGRADE_IN_PROGRESS, "False", R.NO_UPGRADE, ""), Cond(T.DEGRADED, "False", R.AS_EXPECTED, "")]
 
-    rs_status = rs.get("status") or {}
-    active = rs_status.get("activeServiceStatus") or {}
-    pending = rs_status.get("pendingServiceStatus") or {}
-    app = (active.get("applicationStatuses") or {}).get(APP_NAME) or {}
-    pending_app = (pending.get("applicationStatuses") or {}).get(APP_NAME) or {}
-    app_status = app.get("status")
-    deployments = app.get("serveDeploymentStatuses") or {}
-    status.update(serviceStatus=rs_status.get("serviceStatus") or None, applicationStatus=app_status)
+    view = ServeView.of(obs.rayservice)
+    status.update(serviceStatus=view.rs_status.get("serviceStatus") or None, applicationStatus=view.app_status)
+    upgrade = _upgrade(view)
+    ctx, served = _context(spec, view, upgrading=upgrade.status == "True", old_served=old.get("servedContextLength"))
+    status["servedContextLength"] = served
+    ready = _ready(view, ctx, status["endpoint"])
+    if view.running and view.deployment(names.DIFFUSION_DEPLOYMENT).get("status") in HEALTHY_DEPLOYMENT:
+        status.update(readyReplicas=spec.replicas.min, replicas=_replicas_summary(spec, spec.replicas.min))
+    fallback = fallback_off or _fallback(spec, view, ctx)
+    return [ready, ctx, fallback, upgrade, _degraded(ready, ctx, fallback)]
 
-    # Upgrade: KubeRay has not seen our latest patch, or is bringing up a second cluster.
-    rs_gen = (rs.get("metadata") or {}).get("generation")
-    observed = rs_status.get("observedGeneration")
-    upgrade_cond = _kuberay_condition(rs_status, "UpgradeInProgress")
-    if rs_gen is not None and (observed is None or observed < rs_gen):
-        upgrade = Cond(T.UPGRADE_IN_PROGRESS, "True", R.APPLYING,
-                       f"KubeRay has observed RayService generation {observed}, latest is {rs_gen}")
-    elif upgrade_cond.get("status") == "True" or pending.get("rayClusterName"):
-        upgrade = Cond(T.UPGRADE_IN_PROGRESS, "True", R.NEW_CLUSTER,
-                       f"new Ray cluster {pending.get('rayClusterName') or '?'} starting; traffic switches when its "
-                       "app is ready")
-    else:
-        upgrade = Cond(T.UPGRADE_IN_PROGRESS, "False", R.NO_UPGRADE, "")
-    upgrading = upgrade.status == "True"
 
-    # Context: a shortfall reported by any backend (active or pending cluster) wins.
-    shortfalls = _shortfalls(app, pending_app)
-    running = app_status == "RUNNING"
-    if shortfalls:
-        worst = min(shortfalls, key=lambda s: s.served)
-        ctx = Cond(T.CONTEXT_VERIFIED, "False", R.CONTEXT_TOO_SHORT, "; ".join(
-            f"backend {s.backend} serves {s.served} tokens, {s.promised} promised" for s in shortfalls))
-        if running and upgrading:  # the previous app still serves what it verified
-            status["servedContextLength"] = old.get("servedContextLength")
-        else:
-            status["servedContextLength"] = worst.served
-    elif running and not upgrading:
-        ctx = Cond(T.CONTEXT_VERIFIED, "True", R.CONTEXT_VERIFIED,
-                   f"every backend serves at least {spec.context_length} tokens")
-        status["servedContextLength"] = spec.context_length
-    else:
-        ctx = Cond(T.CONTEXT_VERIFIED, "Unknown", R.VERIFICATION_PENDING,
-                   "waiting for the app to verify its context at start-up")
-        if running and old.get("servedContextLength") is not None:  # the previous app still serves
-            status["servedContextLength"] = old["servedContextLength"]
+def _upgrade(view: ServeView) -> Cond:
+    """KubeRay has not seen our latest patch yet, or is bringing up a second cluster."""
+    if view.generation is not None and (view.observed is None or view.observed < view.generation):
+        return Cond(T.UPGRADE_IN_PROGRESS, "True", R.APPLYING,
+                    f"KubeRay has observed RayService generation {view.observed}, latest is {view.generation}")
+    new_cluster = view.pending.get("rayClusterName")
+    if _kuberay_condition(view.rs_status, "UpgradeInProgress").get("status") == "True" or new_cluster:
+        return Cond(T.UPGRADE_IN_PROGRESS, "True", R.NEW_CLUSTER,
+                    f"new Ray cluster {new_cluster or '?'} starting; traffic switches when its app is ready")
+    return Cond(T.UPGRADE_IN_PROGRESS, "False", R.NO_UPGRADE, "")
 
-    # Ready
-    kuberay_ready = _kuberay_condition(rs_status, "Ready")
-    rs_ready = kuberay_ready.get("status") == "True" if kuberay_ready else rs_status.get("serviceStatus") == "Running"
-    app_msg = app.get("message") or kuberay_ready.get("message") or ""
-    if shortfalls and not running:
-        ready = Cond(T.READY, "False", R.CONTEXT_TOO_SHORT, ctx.message)
-    elif app_status == "DEPLOY_FAILED":
-        ready = Cond(T.READY, "False", R.DEPLOY_FAILED, app_msg)
-    elif app_status == "UNHEALTHY":
-        ready = Cond(T.READY, "False", R.UNHEALTHY, app_msg)
-    elif running and rs_ready and not shortfalls:
-        ready = Cond(T.READY, "True", R.SERVING, f"gRPC API at {status['endpoint']}")
-    elif running and rs_ready:  # old app serves, the new one reports a shortfall
-        ready = Cond(T.READY, "True", R.SERVING, f"gRPC API at {status['endpoint']} (previous version; the "
-                     f"upgrade is blocked: {ctx.message})")
-    else:
-        ready = Cond(T.READY, "False", R.DEPLOYING, app_msg or f"application {APP_NAME} is {app_status or 'not started'}")
 
-    diffusion = deployments.get(names.DIFFUSION_DEPLOYMENT) or {}
-    if running and diffusion.get("status") in HEALTHY_DEPLOYMENT:
-        status["readyReplicas"] = spec.replicas.min
-        status["replicas"] = _replicas_summary(spec, spec.replicas.min)
+def _context(spec: DiffusionGemmaSpec, view: ServeView, *, upgrading: bool,
+             old_served: int | None) -> tuple[Cond, int | None]:
+    """ContextVerified, and the context the serving app verified (None while unknown).
 
-    # Fallback
-    if fallback_off:
-        fallback = fb_disabled
-    else:
-        fb = deployments.get(names.FALLBACK_DEPLOYMENT) or {}
-        fb_short = [s for s in shortfalls if s.backend.lower().startswith("fallback")]
-        if fb_short:
-            fallback = Cond(T.FALLBACK_READY, "False", R.CONTEXT_TOO_SHORT, ctx.message)
-        elif fb.get("status") in HEALTHY_DEPLOYMENT:
-            fallback = Cond(T.FALLBACK_READY, "True", R.FALLBACK_HEALTHY, f"{spec.fallback.type} fallback healthy")
-        elif fb.get("status") == "UNHEALTHY":
-            fallback = Cond(T.FALLBACK_READY, "False", R.FALLBACK_UNHEALTHY, fb.get("message") or "")
-        else:
-            fallback = Cond(T.FALLBACK_READY, "False", R.FALLBACK_PENDING,
-                            fb.get("message") or f"deployment {names.FALLBACK_DEPLOYMENT} is "
-                            f"{fb.get('status') or 'not started'}")
+    A shortfall reported by any backend (active or pending cluster) wins; a RUNNING app with no
+    upgrade under way has verified the promised context; during an upgrade the previous app
+    keeps serving what it verified before.
+    """
+    previous = old_served if view.running else None
+    if view.shortfalls:
+        msg = "; ".join(f"backend {s.backend} serves {s.served} tokens, {s.promised} promised"
+                        for s in view.shortfalls)
+        served = previous if upgrading and view.running else min(s.served for s in view.shortfalls)
+        return Cond(T.CONTEXT_VERIFIED, "False", R.CONTEXT_TOO_SHORT, msg), served
+    if view.running and not upgrading:
+        return Cond(T.CONTEXT_VERIFIED, "True", R.CONTEXT_VERIFIED,
+                    f"every backend serves at least {spec.context_length} tokens"), spec.context_length
+    return Cond(T.CONTEXT_VERIFIED, "Unknown", R.VERIFICATION_PENDING,
+                "waiting for the app to verify its context at start-up"), previous
 
-    # Degraded: what needs attention, most important first.
+
+def _ready(view: ServeView, ctx: Cond, endpoint: str) -> Cond:
+    kuberay_ready = _kuberay_condition(view.rs_status, "Ready")
+    rs_ready = (kuberay_ready.get("status") == "True" if kuberay_ready
+                else view.rs_status.get("serviceStatus") == "Running")
+    app_msg = view.app.get("message") or kuberay_ready.get("message") or ""
+    if view.shortfalls and not view.running:
+        return Cond(T.READY, "False", R.CONTEXT_TOO_SHORT, ctx.message)
+    if view.app_status == "DEPLOY_FAILED":
+        return Cond(T.READY, "False", R.DEPLOY_FAILED, app_msg)
+    if view.app_status == "UNHEALTHY":
+        return Cond(T.READY, "False", R.UNHEALTHY, app_msg)
+    if view.running and rs_ready:
+        blocked = f" (previous version; the upgrade is blocked: {ctx.message})" if view.shortfalls else ""
+        return Cond(T.READY, "True", R.SERVING, f"gRPC API at {endpoint}{blocked}")
+    return Cond(T.READY, "False", R.DEPLOYING,
+                app_msg or f"application {APP_NAME} is {view.app_status or 'not started'}")
+
+
+def _fallback(spec: DiffusionGemmaSpec, view: ServeView, ctx: Cond) -> Cond:
+    fb = view.deployment(names.FALLBACK_DEPLOYMENT)
+    if any(s.backend.lower().startswith("fallback") for s in view.shortfalls):
+        return Cond(T.FALLBACK_READY, "False", R.CONTEXT_TOO_SHORT, ctx.message)
+    if fb.get("status") in HEALTHY_DEPLOYMENT:
+        return Cond(T.FALLBACK_READY, "True", R.FALLBACK_HEALTHY, f"{spec.fallback.type} fallback healthy")
+    if fb.get("status") == "UNHEALTHY":
+        return Cond(T.FALLBACK_READY, "False", R.FALLBACK_UNHEALTHY, fb.get("message") or "")
+    return Cond(T.FALLBACK_READY, "False", R.FALLBACK_PENDING, fb.get("message")
+                or f"deployment {names.FALLBACK_DEPLOYMENT} is {fb.get('status') or 'not started'}")
+
+
+def _degraded(ready: Cond, ctx: Cond, fallback: Cond) -> Cond:
+    """What needs attention, most important first."""
     if ctx.status == "False":
-        degraded = Cond(T.DEGRADED, "True", R.CONTEXT_TOO_SHORT, ctx.message)
-    elif ready.reason in (R.DEPLOY_FAILED, R.UNHEALTHY):
-        degraded = Cond(T.DEGRADED, "True", ready.reason, ready.message)
-    elif fallback.reason == R.FALLBACK_UNHEALTHY:
-        degraded = Cond(T.DEGRADED, "True", R.FALLBACK_UNHEALTHY, fallback.message)
-    else:
-        degraded = Cond(T.DEGRADED, "False", R.AS_EXPECTED, "")
-    return [ready, ctx, fallback, upgrade, degraded]
+        return Cond(T.DEGRADED, "True", R.CONTEXT_TOO_SHORT, ctx.message)
+    if ready.reason in (R.DEPLOY_FAILED, R.UNHEALTHY):
+        return Cond(T.DEGRADED, "True", ready.reason, ready.message)
+    if fallback.reason == R.FALLBACK_UNHEALTHY:
+        return Cond(T.DEGRADED, "True", R.FALLBACK_UNHEALTHY, fallback.message)
+    return Cond(T.DEGRADED, "False", R.AS_EXPECTED, "")

@@ -192,7 +192,8 @@ def cel_rule_failures(obj: Any, schema: dict[str, Any], path: str = "") -> list[
     typed = cel_json(obj, schema)
     for rule in schema.get("x-kubernetes-validations") or []:
         if not bool(cel_eval(rule["rule"], typed)):
-            message = str(cel_eval(rule["messageExpression"], typed)) if "messageExpression" in rule else rule["message"]
+            message = (str(cel_eval(rule["messageExpression"], typed)) if "messageExpression" in rule
+                       else rule["message"])
             failures.append((path or "/", rule["rule"], message))
     if isinstance(obj, dict):
         for key, sub in (schema.get("properties") or {}).items():

@@ -138,7 +138,8 @@ STATUS_SCENARIOS = {
         "status": {"observedGeneration": 1, "serviceStatus": "Running",
                    "conditions": [{"type": "Ready", "status": "True", "reason": "NonZeroServeEndpoints"}],
                    "activeServiceStatus": {"applicationStatuses": {"dgserve": {
-                       "status": "RUNNING", "serveDeploymentStatuses": {"DiffusionReplica": {"status": "HEALTHY"}}}}}}}),
+                       "status": "RUNNING",
+                       "serveDeploymentStatuses": {"DiffusionReplica": {"status": "HEALTHY"}}}}}}}),
 }
 
 

@@ -388,7 +388,8 @@ def test_serving_context_refusal_is_understood(backend):
     with pytest.raises(ContextVerificationError) as info:
         check_served_context(backend, "google/diffusiongemma-26B-A4B-it", 8192, 262144)
     # as it reaches the deployment status: inside a traceback from the replica's constructor
-    message = f"The deployment failed to start 3 times in a row.\nTraceback ...\n{type(info.value).__name__}: {info.value}"
+    message = (f"The deployment failed to start 3 times in a row.\nTraceback ...\n"
+               f"{type(info.value).__name__}: {info.value}")
     shortfall = parse_context_shortfall(message)
     assert shortfall is not None
     assert (shortfall.backend, shortfall.promised, shortfall.served) == (backend, 262144, 8192)
