@@ -1,0 +1,45 @@
+"""The engine's CLI: make-tiny-model, generate --json, check-context exit codes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from dgserve.cli import main
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("dgserve") or str(Path(sys.executable).parent / "dgserve")
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "generate" in out.stdout and "check-context" in out.stdout
+
+
+def test_make_tiny_model_then_generate_json(tmp_path, capsys):
+    d = tmp_path / "m"
+    assert main(["make-tiny-model", str(d)]) == 0
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= {
+        p.name for p in d.iterdir()}
+    capsys.readouterr()
+    assert main(["generate", "--model", str(d), "--prompt", "hello", "--max-new-tokens", "40", "--seed", "1",
+                 "--steps", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["token_ids"]) == 40 or out["finish_reason"] == "stop"
+    stats = out["stats"]
+    assert stats["canvases"] == 2 and stats["steps_per_canvas"] == [4, 4] or out["finish_reason"] == "stop"
+    assert {"seconds", "tokens_per_step", "time_to_first_canvas"} <= set(stats)
+
+
+def test_generate_reports_bad_input(tiny_dir, capsys):
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "x", "--max-new-tokens", "0"]) == 1
+    assert "max_new_tokens must be positive" in capsys.readouterr().err
+
+
+def test_check_context_exit_codes(tiny_dir, capsys):
+    assert main(["check-context", "--model", str(tiny_dir), "--context", "4096", "--device", "cpu"]) == 0
+    assert "ok" in capsys.readouterr().out
+    assert main(["check-context", "--model", str(tiny_dir), "--context", "262144", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "262144" in err and "4096" in err and "max_position_embeddings" in err
