@@ -79,9 +79,16 @@ def _render(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     import kopf
+    from kubernetes.config import ConfigException
 
     from . import handlers  # noqa: F401 - registers the handlers
+    from .kube import ApiKube
 
+    try:
+        ApiKube.load_config()  # fail fast: kopf would retry its start-up forever
+    except ConfigException as e:
+        print(f"dgserve operator run: no Kubernetes configuration (in-cluster or KUBECONFIG): {e}", file=sys.stderr)
+        return 2
     kopf.configure(verbose=args.verbose)
     kopf.run(
         clusterwide=not args.namespace,
@@ -90,6 +97,7 @@ def _run(args: argparse.Namespace) -> int:
         peering_name=args.peering,
         priority=args.priority,
         liveness_endpoint=args.liveness,
+        memo=kopf.Memo(kube=ApiKube()),
     )
     return 0
 

@@ -327,3 +327,21 @@ def test_serving_builder_accepts_rendered_args_and_packs_tp_gpus(tp):
         assert len(bundles) == tp and all(b["GPU"] == 1.0 for b in bundles)
         assert bundles[0][DIFFUSION_RAY_RESOURCE] == 1.0
         assert opts["placement_group_strategy"] == "STRICT_PACK"
+
+
+def test_operator_run_without_kubeconfig_fails_fast(tmp_path, monkeypatch, capsys):
+    from dgserve.cli import main
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    assert main(["operator", "run", "--standalone"]) == 2
+    assert "no Kubernetes configuration" in capsys.readouterr().err
+
+
+def test_operator_crd_cli_prints_the_generated_crd(capsys):
+    from dgserve.cli import main
+    from dgserve.operator.crd import build_crd
+
+    assert main(["operator", "crd"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == build_crd()
