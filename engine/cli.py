@@ -48,8 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--quick", action="store_true", help="fewer repetitions (smoke run)")
     b.set_defaults(func=cmd_bench_engine)
 
-    p = sub.add_parser("demo", help="generate once with a tiny checkpoint made on the spot")
-    p.set_defaults(func=cmd_demo)
+    # `dgserve demo` (the README's first command) is registered by dgserve.serving.cli: it starts the
+    # local stack. cmd_demo below is the in-process variant, kept callable for engine-only use.
 
 
 def _engine(model: str, **kw):
