@@ -187,6 +187,10 @@ class DiffusionReplica:
             return -1
 
     # -- generation -----------------------------------------------------------------------------
+    async def generate_unary(self, req: BackendRequest) -> list[Event]:
+        """All events in one reply (the unary API: one round trip instead of one per event)."""
+        return [ev async for ev in self.generate(req) if not isinstance(ev, DraftProgress)]
+
     async def generate(self, req: BackendRequest) -> AsyncIterator[Event]:
         """Events of one request; a closed/cancelled stream aborts it in the engine at once."""
         in_flight = self.stats.admit()

@@ -359,6 +359,10 @@ class AutoregressiveFallback:
             except Exception:
                 pass
 
+    async def generate_unary(self, req: BackendRequest) -> list[Event]:
+        """All events in one reply (the unary API: one round trip instead of one per event)."""
+        return [ev async for ev in self.generate(req)]
+
     async def generate(self, req: BackendRequest) -> AsyncIterator[Event]:
         in_flight = self.stats.admit()
         start = time.perf_counter()

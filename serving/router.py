@@ -191,10 +191,25 @@ class Router:
         try:
             plan = plan_request(request, fallback=FALLBACK in self.handles, overflow=self.cfg.router.overflow)
             out = _Outcome()
-            async with contextlib.aclosing(self._run(plan, out)) as events:
-                async for _backend, ev in events:
-                    if isinstance(ev, Chunk):
-                        out.chunks.append(ev)
+            backend = await self._acquire(plan, out)
+            try:
+                call = self.handles[backend].generate_unary.remote(plan.request)
+                try:
+                    events = await call
+                except asyncio.CancelledError:
+                    call.cancel()  # client gone: abort in the replica, which frees the engine slot
+                    raise
+            finally:
+                self.admission.release(backend)
+            for ev in events:
+                if isinstance(ev, Failure):
+                    raise ServingError(grpc.StatusCode[ev.code], ev.message)
+                if isinstance(ev, Chunk):
+                    out.chunks.append(ev)
+                elif isinstance(ev, Final):
+                    out.final = ev
+            if out.final is None:
+                raise ServingError(grpc.StatusCode.INTERNAL, f"backend {backend} answered without a result")
             return self._response(plan, out, arrived)
         except Exception as e:
             self._set_status(grpc_context, e)
@@ -259,8 +274,8 @@ class Router:
         return health_pb2.HealthCheckResponse(status=status)
 
     # -- internals ------------------------------------------------------------------------------
-    async def _run(self, plan: Plan, out: _Outcome):
-        """Take a slot, stream the backend's events (Chunk / DraftProgress), keep the Final in ``out``."""
+    async def _acquire(self, plan: Plan, out: _Outcome) -> str:
+        """A slot on one of the plan's backends (waiting in the queue if needed), or RESOURCE_EXHAUSTED."""
         rc = self.cfg.router
         t0 = time.perf_counter()
         try:
@@ -272,6 +287,11 @@ class Router:
             raise ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"no backend could take the request: {e}; "
                                f"retry after {rc.retry_after_s:g}s", retry_after_s=rc.retry_after_s) from None
         out.queue_s = time.perf_counter() - t0
+        return backend
+
+    async def _run(self, plan: Plan, out: _Outcome):
+        """Take a slot, stream the backend's events (Chunk / DraftProgress), keep the Final in ``out``."""
+        backend = await self._acquire(plan, out)
         gen = None
         finished = False
         try:

@@ -1,0 +1,179 @@
+"""Serving benchmark: the router's added latency and a concurrency sweep with overflow on and off.
+
+    python -m dgserve.serving.bench [--out results.json] [--quick]
+
+Runs a private local Ray Serve (like ``dgserve serve``) with the tiny diffusion checkpoint
+(2 replicas capped at 4) and the SmolLM2 fallback (16 slots), then
+
+1. router latency: a tiny request (1 token, 1 denoising step) sent sequentially, alternately through
+   the full gRPC path (client -> Serve gRPC proxy -> Router -> DiffusionReplica) and through a direct
+   Serve handle call (``generate_unary``) to DiffusionReplica from the driver; p50/p99 of both and their difference;
+2. sweep: closed-loop clients at concurrency 1..64 (ANY routing), once with overflow on and once off:
+   throughput, p50/p99 latency, share served by the fallback, most requests any diffusion replica
+   ran at once (measured inside the replica at each admission).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from dgserve.v1 import dgserve_pb2 as pb
+
+from . import local
+from .client import Client, make_request
+from .config import AppConfig
+from .messages import BackendRequest, Final
+
+LEVELS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
+
+
+def bench_config(port: int, overflow: bool) -> AppConfig:
+    cpu = {"num_cpus": 0.1}
+    return AppConfig.model_validate({
+        "promised_context_length": 2048,
+        "diffusion": {"engine": {"model": str(local.tiny_model_dir()), "model_name": "tiny-diffusiongemma",
+                                 "max_batch": 4, "device": "cpu"}, "num_replicas": 2, "actor_options": cpu},
+        "fallback": {"kind": "smollm2", "max_batch": 16, "context_length": 2048, "actor_options": cpu},
+        "router": {"grpc_port": port, "overflow": overflow, "queue_size": 64, "queue_timeout_s": 300.0,
+                   "capacity_refresh_s": 0.25, "actor_options": cpu},
+    })
+
+
+def router_latency(client: Client, app: str, n: int) -> dict[str, Any]:
+    from ray import serve
+
+    handle = serve.get_deployment_handle("DiffusionReplica", app)
+    greq = make_request("hi", max_new_tokens=1, max_denoising_steps=1, routing="diffusion", seed=0)
+    breq = BackendRequest(request_id="x", prompt="hi", max_new_tokens=1, seed=0,
+                          sampling={"max_denoising_steps": 1})
+
+    def direct() -> float:
+        t0 = time.perf_counter()
+        events = handle.generate_unary.remote(breq).result()
+        assert isinstance(events[-1], Final), events[-1]
+        return time.perf_counter() - t0
+
+    def routed() -> float:
+        t0 = time.perf_counter()
+        r = client.generate(greq, timeout=30)
+        assert r.backend == pb.BACKEND_DIFFUSION
+        return time.perf_counter() - t0
+
+    for _ in range(20):  # warm up both paths
+        direct()
+        routed()
+    d, r = [], []
+    for _ in range(n):
+        d.append(direct())
+        r.append(routed())
+    ms = lambda xs, q: round(pct(xs, q) * 1e3, 2)  # noqa: E731
+    return {"n": n, "direct_p50_ms": ms(d, 50), "direct_p99_ms": ms(d, 99), "router_p50_ms": ms(r, 50),
+            "router_p99_ms": ms(r, 99), "added_p50_ms": round(ms(r, 50) - ms(d, 50), 2),
+            "added_p99_ms": round(ms(r, 99) - ms(d, 99), 2)}
+
+
+def sweep_level(client: Client, concurrency: int, total: int, max_new_tokens: int) -> dict[str, Any]:
+    lock = threading.Lock()
+    results: list[tuple[float, Any]] = []
+    counter = iter(range(total))
+
+    def worker() -> None:
+        while True:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return
+            req = make_request(f"request {i}: tell me something", max_new_tokens=max_new_tokens, seed=i)
+            t0 = time.perf_counter()
+            try:
+                resp = client.generate(req, timeout=600)
+            except grpc.RpcError as e:
+                resp = e
+            with lock:
+                results.append((time.perf_counter() - t0, resp))
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    ok = [(lat, r) for lat, r in results if isinstance(r, pb.GenerateResponse)]
+    lats = [lat for lat, _ in ok]
+    per_replica: dict[str, int] = {}
+    for _, r in ok:
+        if r.backend == pb.BACKEND_DIFFUSION:
+            per_replica[r.replica] = max(per_replica.get(r.replica, 0), r.replica_in_flight)
+    tokens = sum(r.usage.completion_tokens for _, r in ok)
+    return {
+        "concurrency": concurrency, "requests": total, "errors": len(results) - len(ok),
+        "seconds": round(elapsed, 2), "req_per_s": round(len(ok) / elapsed, 2),
+        "tok_per_s": round(tokens / elapsed, 1),
+        "p50_ms": round(pct(lats, 50) * 1e3, 1), "p99_ms": round(pct(lats, 99) * 1e3, 1),
+        "fallback_share": round(sum(r.backend == pb.BACKEND_AUTOREGRESSIVE for _, r in ok) / max(1, len(ok)), 3),
+        "max_in_flight_per_replica": max(per_replica.values(), default=0),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="dgserve serving benchmark (router latency, overflow sweep)")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--quick", action="store_true", help="fewer requests (smoke run)")
+    ap.add_argument("--latency-n", type=int, default=200)
+    ap.add_argument("--max-new-tokens", type=int, default=16)
+    args = ap.parse_args(argv)
+    port = local.free_port()
+    out: dict[str, Any] = {"machine": f"{platform.node()} {platform.machine()}, {_cpus()} CPUs, no GPU",
+                           "max_new_tokens": args.max_new_tokens}
+    local.start_ray()
+    try:
+        local.start_serve(port)
+        target = f"127.0.0.1:{port}"
+        for overflow in (True, False):
+            cfg = bench_config(port, overflow)
+            local.deploy(cfg)
+            local.wait_healthy(target, 120)
+            with Client(target) as client:
+                if overflow:
+                    out["latency"] = router_latency(client, cfg.name, 30 if args.quick else args.latency_n)
+                    print("latency", out["latency"], flush=True)
+                rows = []
+                for c in LEVELS:
+                    total = max(c, 4) if args.quick else max(2 * c, 8)
+                    row = sweep_level(client, c, total, args.max_new_tokens)
+                    print("overflow" if overflow else "no-overflow", row, flush=True)
+                    rows.append(row)
+                out["overflow_on" if overflow else "overflow_off"] = rows
+    finally:
+        local.shutdown()
+    if args.out:
+        args.out.write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def _cpus() -> int:
+    import os
+
+    return os.cpu_count() or 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
