@@ -13,6 +13,7 @@ import torch
 
 from .config import EngineConfig, GenerationDefaults, ModelConfig
 from .context import ContextReport, kv_budget_bytes, verify_context
+from .cpu import keep_large_blocks
 from .errors import ConfigError, ContextLengthExceededError, InvalidRequestError
 from .kv_cache import KVCache
 from .loader import load_model
@@ -55,6 +56,8 @@ class Engine:
                               f"{cfg.canvas_length} (a commit writes one canvas in one forward)")
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, cfg, self.device)
+        if self.device.type == "cpu":
+            keep_large_blocks()
         self.tokenizer = Tokenizer.from_dir(path)
         self.model = load_model(path, cfg, dtype=self.dtype, device=self.device,
                                 decoder_sliding_window=config.decoder_sliding_window, progress=progress)

@@ -260,6 +260,6 @@ class DiffusionGemma(nn.Module):
         h = self.norm(x[batch.logits_rows])
         logits = F.linear(h, w).float()  # tied lm_head
         cap = self.cfg.final_logit_softcapping
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
+        if cap:  # in place: (R, V) is the largest activation of a step
+            logits = logits.div_(cap).tanh_().mul_(cap)
         return logits

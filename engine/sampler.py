@@ -58,22 +58,25 @@ class StepResult:
 
 def denoise_step(logits: torch.Tensor, canvas: torch.Tensor, pinned: torch.Tensor, pinned_ids: torch.Tensor,
                  temperatures: torch.Tensor, entropy_bounds: torch.Tensor, noise: StepNoise) -> StepResult:
-    """logits (B, C, V) fp32; canvas, pinned (bool), pinned_ids (B, C); temperatures, bounds (B,)."""
-    z = logits / temperatures[:, None, None]  # (B, C, V)
+    """logits (B, C, V) fp32 (tempered in place: the caller's tensor is consumed); canvas, pinned (bool),
+    pinned_ids (B, C); temperatures, bounds (B,)."""
+    b, c, v = logits.shape
+    z = logits.div_(temperatures[:, None, None])  # (B, C, V)
     probs = torch.softmax(z, dim=-1)
-    entropy = torch.logsumexp(z, dim=-1) - (probs * z).sum(-1)  # (B, C): -sum p log p
-    entropy = entropy.clamp_(min=0.0)
-    sampled = torch.where(pinned, pinned_ids, sample_from_probs(probs, noise.uniforms))
+    # -sum p log p = logsumexp(z) - sum p z (no (B, C, V) temporary for log p)
+    entropy = (torch.logsumexp(z, dim=-1) - torch.bmm(probs.view(-1, 1, v), z.view(-1, v, 1)).view(b, c)).clamp_(min=0)
     argmax = torch.where(pinned, pinned_ids, z.argmax(-1))
     ranked, order = entropy.masked_fill(pinned, float("inf")).sort(dim=-1)  # pinned sort last
     within = (ranked.cumsum(-1) - ranked) <= entropy_bounds[:, None]  # inf - inf = nan -> False
     accepted = torch.zeros_like(within).scatter(-1, order, within) | pinned
+    # a sample only matters where it is accepted: draw there alone (the uniforms were drawn for every
+    # position, so the request's random stream does not depend on how many were accepted)
+    new_canvas = torch.where(pinned, pinned_ids, noise.renoise.to(pinned_ids.dtype))
+    take = (accepted & ~pinned).nonzero(as_tuple=True)
+    new_canvas[take] = sample_from_probs(probs[take], noise.uniforms[take])
     free = (~pinned).sum(-1)
     mean_entropy = entropy.masked_fill(pinned, 0.0).sum(-1) / free.clamp(min=1)
-    return StepResult(
-        canvas=torch.where(accepted, sampled, noise.renoise.to(sampled.dtype)),
-        argmax=argmax, probs=probs, accepted=accepted, mean_entropy=mean_entropy,
-    )
+    return StepResult(canvas=new_canvas, argmax=argmax, probs=probs, accepted=accepted, mean_entropy=mean_entropy)
 
 
 def is_converged(history: list[torch.Tensor], argmax: torch.Tensor, mean_entropy: float, steps_done: int,
