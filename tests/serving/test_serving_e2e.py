@@ -32,6 +32,13 @@ def client(tiny_model, serve_port):
         yield c
 
 
+def slow(prompt: str, steps: int = 4096, **kw) -> pb.GenerateRequest:
+    """A request that runs at least ``steps`` denoising steps (early stopping off), whatever the random
+    model writes (an early EOS only ends it after the first canvas commits)."""
+    return make_request(prompt, max_new_tokens=64, max_denoising_steps=steps, confidence_threshold=0.0,
+                        routing="diffusion", **kw)
+
+
 def _call(client: Client, req: pb.GenerateRequest, timeout: float = 120.0):
     """(response, None) or (None, RpcError)."""
     try:
@@ -140,7 +147,7 @@ def test_diffusion_only_never_reaches_the_fallback(client):
 
 def test_full_queue_answers_resource_exhausted_with_a_retry_hint(client):
     before = sum(r.requests for r in _replicas(client, AR))
-    results = _burst(client, [make_request(f"long {i}", max_new_tokens=256, routing="diffusion") for i in range(22)])
+    results = _burst(client, [slow(f"long {i}", steps=48) for i in range(22)])
     served = [r for r, e in results if e is None]
     refused = [e for _, e in results if e is not None]
     assert {r.backend for r in served} == {DIFF}
@@ -189,12 +196,20 @@ def test_pinned_positions_and_infill(client):
 
 
 def test_client_cancellation_frees_the_engine_slot(client):
-    calls = [client.stream(make_request(f"cancel me {i}", max_new_tokens=1024, routing="diffusion",
-                                        stream_drafts=True), timeout=120) for i in range(REPLICAS * CAP)]
+    calls = [client.stream(slow(f"cancel me {i}", stream_drafts=True), timeout=120) for i in range(REPLICAS * CAP)]
     for call in calls:
         next(iter(call))  # it is running on a replica
-    busy = _replicas(client, DIFF)
-    assert sum(r.engine_in_flight for r in busy) > 0
+    deadline = time.monotonic() + 10  # the router re-reads replica stats every 0.25 s
+    while sum(r.engine_in_flight for r in _replicas(client, DIFF)) < REPLICAS * CAP:
+        assert time.monotonic() < deadline, _replicas(client, DIFF)
+        time.sleep(0.05)
+    # every slot is taken: a DIFFUSION_ONLY request waits in the queue, and its deadline is honoured there
+    _, err = _call(client, make_request("queued", max_new_tokens=8, routing="diffusion"), timeout=1.0)
+    assert err is not None and err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 5
+    while client.info().queued and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.info().queued == 0  # it left the queue
     for call in calls:
         call.cancel()
     idle = _wait_idle(client)
@@ -204,7 +219,7 @@ def test_client_cancellation_frees_the_engine_slot(client):
 
 
 def test_deadline_exceeded_frees_the_slot(client):
-    _, err = _call(client, make_request("slow", max_new_tokens=1024, routing="diffusion"), timeout=1.0)
+    _, err = _call(client, slow("slow"), timeout=1.0)
     assert err is not None and err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     idle = _wait_idle(client)
     assert all(r.in_flight == 0 and r.engine_in_flight == 0 for r in idle), idle
