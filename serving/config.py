@@ -72,7 +72,8 @@ class AutoscalingSettings(BaseModel):
 
     min_replicas: int = Field(default=1, ge=0, description="Fewest replicas kept running.")
     max_replicas: int = Field(default=1, ge=1, description="Most replicas started.")
-    initial_replicas: int | None = Field(default=None, ge=0, description="Replicas at deploy time; None = min_replicas.")
+    initial_replicas: int | None = Field(default=None, ge=0,
+                                        description="Replicas at deploy time; None = min_replicas.")
     target_ongoing_requests: float = Field(default=2.0, gt=0.0, description="Average in-flight requests per replica "
                                            "the autoscaler aims for (keep it below the replica's batch cap).")
     upscale_delay_s: float = Field(default=30.0, ge=0.0, description="Load must stay high this long before scaling up.")
