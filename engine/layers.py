@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LayerSpec, ModelConfig
+from .parallel.group import TPGroup
+from .parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 
 class RMSNorm(nn.Module):
@@ -59,19 +61,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class MLP(nn.Module):
-    """Gated GELU MLP (the dense branch of every layer, and the self-conditioning MLP)."""
+    """Gated GELU MLP (the dense branch of every layer). Tensor parallel: gate/up column-parallel,
+    down row-parallel over the intermediate features (one all-reduce)."""
 
-    def __init__(self, hidden: int, inter: int) -> None:
+    def __init__(self, hidden: int, inter: int, tp: TPGroup | None = None) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inter, bias=False)
-        self.up_proj = nn.Linear(hidden, inter, bias=False)
-        self.down_proj = nn.Linear(inter, hidden, bias=False)
+        cols = tp.shard(inter) if tp is not None else None
+        self.gate_proj = ColumnParallelLinear(hidden, inter, cols)
+        self.up_proj = ColumnParallelLinear(hidden, inter, cols)
+        self.down_proj = RowParallelLinear(inter, hidden, cols, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
 
 
 class Router(nn.Module):
+    """Replicated under tensor parallelism, on purpose: every rank must route every token to the
+    same experts, and the router is tiny (E x hidden, 0.36M parameters for the real model). Run
+    on identical inputs (the all-reduced residual stream) the replicas agree exactly; a sharded
+    router would need an extra all-gather of (N, E) logits per layer to save 0.3 MFLOP a token."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, with_scale=False)
@@ -99,13 +108,28 @@ class Experts(nn.Module):
     ``F.linear`` rows differ in the last bit below 16 rows), so an expert that gets 3 tokens
     alone but 20 in a batch would round differently and a seeded request would change with
     its neighbours. Each expert's group is therefore padded to ``MIN_EXPERT_ROWS`` rows.
+
+    Tensor parallel: every rank runs every expert on its share ``cols`` of the intermediate
+    features (gate_up column-parallel, down row-parallel) and one all-reduce sums the combined
+    output. ``gate_up_proj`` packs [gate; up] along dim 1, so a shard is the same slice of each
+    half. (Routing is replicated, so all ranks group the tokens identically.)
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TPGroup | None = None) -> None:
         super().__init__()
         e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
-        self.down_proj = nn.Parameter(torch.empty(e, h, i))
+        self.tp = tp
+        self.inter = i
+        self.cols = tp.shard(i) if tp is not None else slice(0, i)
+        n = self.cols.stop - self.cols.start
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * n, h))
+        self.down_proj = nn.Parameter(torch.empty(e, h, n))
+
+    def load_shard(self, name: str, sl) -> torch.Tensor:
+        c0, c1, i = self.cols.start, self.cols.stop, self.inter
+        if name == "gate_up_proj":  # (E, 2I, H) -> (E, 2I/size, H): this rank's gate rows, then its up rows
+            return torch.cat([sl[:, c0:c1], sl[:, i + c0:i + c1]], dim=1)
+        return sl[:, :, c0:c1]  # down_proj (E, H, I) -> (E, H, I/size)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x: (N, H); weights, idx: (N, K). Tokens are grouped by expert: one GEMM pair per expert hit."""
@@ -127,4 +151,5 @@ class Experts(nn.Module):
             start += c
         y = torch.empty_like(ys)
         y[order] = ys  # back to (token, k) order
-        return (y.view(n, k, -1) * weights[..., None]).sum(1).to(x.dtype)  # (N, H)
+        out = (y.view(n, k, -1) * weights[..., None]).sum(1).to(x.dtype)  # (N, H)
+        return out if self.tp is None else self.tp.all_reduce(out)

@@ -5,8 +5,10 @@ Tensor names are the official ones (``model.decoder.layers.N.self_attn.q_proj.we
 tied to the decoder) are accepted where the decoder's are absent; the vision tower and
 ``lm_head`` (tied to the embedding) are ignored. Single files and sharded checkpoints
 (``model.safetensors.index.json``) both load, one tensor at a time, straight into the
-preallocated parameters (the model is built on the meta device first). ``shard_fn`` lets
-tensor parallelism narrow each tensor to a rank's shard while reading.
+preallocated parameters (the model is built on the meta device first). Under tensor
+parallelism (``tp``) the model's own ``load_shard`` narrows each tensor to the rank's shard
+while reading (safetensors slices read only those bytes), so no rank holds the full model;
+``shard_fn`` overrides it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from tqdm import tqdm
 from .config import ModelConfig
 from .errors import ModelLoadError
 from .model import DiffusionGemma
+from .parallel.group import TPGroup
 
 DECODER = "model.decoder."
 ENCODER = "model.encoder.language_model."
@@ -58,10 +61,12 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
 
 def load_model(path: str | Path, cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device,
                decoder_sliding_window: str = "reference", shard_fn: ShardFn | None = None,
-               progress: bool = True) -> DiffusionGemma:
+               progress: bool = True, tp: TPGroup | None = None) -> DiffusionGemma:
     path = Path(path)
     with torch.device("meta"):
-        model = DiffusionGemma(cfg, decoder_sliding_window)
+        model = DiffusionGemma(cfg, decoder_sliding_window, tp)
+    if shard_fn is None and tp is not None:
+        shard_fn = model.load_shard
     model = model.to_empty(device=device).to(dtype)
     params = dict(model.named_parameters())
     params.update((n, b) for n, b in model.named_buffers())

@@ -12,6 +12,13 @@ Every request in a step contributes a *segment* of the flat token batch:
 So prefill + first denoise step, and commit + next canvas's first step, are one forward
 each, and requests in different phases share one batched forward: linears and experts run
 on all tokens at once; attention runs per segment over its own cache slice and mask.
+
+Tensor parallelism (``tp``, see ``parallel/``): attention heads, MLP and expert intermediate
+features and the vocabulary are split across ranks; the residual stream ``x`` (N, hidden)
+is whole on every rank. Per layer: one all-reduce after ``o_proj``, one after the dense
+``down_proj``, one after the experts. Per step: one for the embedding lookup, one all-gather
+of the logits, one for the self-conditioning product. Without ``tp`` the model is the
+single-device model, bit for bit.
 """
 
 from __future__ import annotations
@@ -26,6 +33,9 @@ from torch import nn
 from .config import LayerSpec, ModelConfig
 from .kv_cache import KVCache
 from .layers import MLP, Experts, RMSNorm, Router, apply_rope, rope_cos_sin, rope_inv_freq
+from .parallel.group import TPGroup
+from .parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from .parallel.sharding import head_shard, kv_head_shard
 
 
 @dataclass
@@ -73,16 +83,26 @@ class StepBatch:
     logits_rows: torch.Tensor  # (R,) rows whose logits are returned
 
 
+def _rows(heads: slice, head_dim: int) -> slice:
+    return slice(heads.start * head_dim, heads.stop * head_dim)
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, spec: LayerSpec) -> None:
+    """Tensor parallel: this rank's query heads and the KV heads they use (split, or replicated
+    when there are fewer KV heads than ranks); o_proj is row-parallel (one all-reduce)."""
+
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec, tp: TPGroup | None = None) -> None:
         super().__init__()
         h, d = cfg.hidden_size, spec.head_dim
+        rank, size = (tp.rank, tp.size) if tp is not None else (0, 1)
+        q_heads = head_shard(cfg.num_heads, rank, size)
+        kv_heads = kv_head_shard(spec.num_kv_heads, rank, size)
         self.spec = spec
-        self.num_heads = cfg.num_heads
-        self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=False)
-        self.k_proj = nn.Linear(h, spec.num_kv_heads * d, bias=False)
-        self.v_proj = None if spec.k_eq_v else nn.Linear(h, spec.num_kv_heads * d, bias=False)
-        self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
+        self.gqa = q_heads.stop - q_heads.start != kv_heads.stop - kv_heads.start
+        self.q_proj = ColumnParallelLinear(h, cfg.num_heads * d, _rows(q_heads, d))
+        self.k_proj = ColumnParallelLinear(h, spec.num_kv_heads * d, _rows(kv_heads, d))
+        self.v_proj = None if spec.k_eq_v else ColumnParallelLinear(h, spec.num_kv_heads * d, _rows(kv_heads, d))
+        self.o_proj = RowParallelLinear(cfg.num_heads * d, h, _rows(q_heads, d), tp)
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.v_norm = RMSNorm(d, cfg.rms_norm_eps, with_scale=False)
@@ -95,7 +115,6 @@ class Attention(nn.Module):
         k_raw = self.k_proj(x).view(n, -1, d)  # (N, Hkv, D)
         v = self.v_norm(k_raw if self.v_proj is None else self.v_proj(x).view(n, -1, d))
         k = apply_rope(self.k_norm(k_raw), cos, sin)
-        gqa = self.num_heads != self.spec.num_kv_heads
         out = torch.empty_like(q)
         sliding = self.spec.sliding
         for seg in batch.segments:
@@ -105,17 +124,17 @@ class Attention(nn.Module):
                 kk, vv = cache.read(layer, seg.slot, part.key_lo[sliding], part.key_hi)  # (1, Hkv, S, D)
                 qq = q[part.rows].transpose(0, 1).unsqueeze(0)  # (1, Hq, n, D)
                 o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=part.mask[sliding], scale=1.0,
-                                                   enable_gqa=gqa)
+                                                   enable_gqa=self.gqa)
                 out[part.rows] = o[0].transpose(0, 1)  # (n, Hq, D)
         return self.o_proj(out.reshape(n, -1))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, spec: LayerSpec) -> None:
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec, tp: TPGroup | None = None) -> None:
         super().__init__()
         h, eps = cfg.hidden_size, cfg.rms_norm_eps
-        self.self_attn = Attention(cfg, spec)
-        self.mlp = MLP(h, cfg.intermediate_size)
+        self.self_attn = Attention(cfg, spec, tp)
+        self.mlp = MLP(h, cfg.intermediate_size, tp)
         self.input_layernorm = RMSNorm(h, eps)
         self.post_attention_layernorm = RMSNorm(h, eps)
         self.pre_feedforward_layernorm = RMSNorm(h, eps)
@@ -124,7 +143,7 @@ class DecoderLayer(nn.Module):
         self.moe = cfg.is_moe
         if self.moe:  # dense branch and experts run side by side, each with its own norms
             self.router = Router(cfg)
-            self.experts = Experts(cfg)
+            self.experts = Experts(cfg, tp)
             self.post_feedforward_layernorm_1 = RMSNorm(h, eps)
             self.pre_feedforward_layernorm_2 = RMSNorm(h, eps)
             self.post_feedforward_layernorm_2 = RMSNorm(h, eps)
@@ -142,7 +161,14 @@ class DecoderLayer(nn.Module):
 
 
 class SelfConditioning(nn.Module):
-    """canvas embedding = post_norm(embed + MLP(pre_norm(soft))); soft = previous step's soft tokens."""
+    """canvas embedding = post_norm(embed + MLP(pre_norm(soft))); soft = previous step's soft tokens.
+
+    Replicated under tensor parallelism, on purpose. It runs once per step (not per layer) on
+    (Nc, hidden) inputs that are already whole on every rank (the self-conditioning product is
+    all-reduced: its pre_norm needs whole rows), and it is small (3 x hidden x intermediate,
+    17.8M parameters, 0.07% of the real model). Sharding it would add a second all-reduce of
+    (Nc, hidden) per step to save about 2 * 17.8M FLOP per canvas token.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -161,12 +187,13 @@ class SelfConditioning(nn.Module):
 class DiffusionGemma(nn.Module):
     """The text model (``model.decoder.*`` of the checkpoint; the encoder shares its weights)."""
 
-    def __init__(self, cfg: ModelConfig, decoder_sliding_window: str = "reference") -> None:
+    def __init__(self, cfg: ModelConfig, decoder_sliding_window: str = "reference", tp: TPGroup | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        self.tp = tp
         self.symmetric_window = decoder_sliding_window == "symmetric"
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, spec) for spec in cfg.layers)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, spec, tp) for spec in cfg.layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_conditioning = SelfConditioning(cfg)
         self._rope_keys = [(s.head_dim, s.rope_type, s.rope_theta, s.rope_partial, s.rope_factor) for s in cfg.layers]
@@ -180,7 +207,13 @@ class DiffusionGemma(nn.Module):
     def soft_embeddings(self, probs: torch.Tensor) -> torch.Tensor:
         """Self-conditioning input from a step's tempered probabilities: (M, V) fp32 -> (M, hidden)."""
         w = self.embed_tokens.weight
-        return (probs.to(w.dtype) @ w) * self.embed_scale().to(w.device)
+        return self.embed_tokens.weighted_sum(probs) * self.embed_scale().to(w.device)
+
+    def load_shard(self, name: str, sl) -> torch.Tensor:
+        """The loader's ``shard_fn``: this rank's part of checkpoint tensor ``name`` (our name)."""
+        module, _, leaf = name.rpartition(".")
+        owner = self.get_submodule(module)
+        return owner.load_shard(leaf, sl) if hasattr(owner, "load_shard") else sl[:]
 
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
         per_key: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -248,7 +281,7 @@ class DiffusionGemma(nn.Module):
     def forward(self, batch: StepBatch, cache: KVCache) -> torch.Tensor:
         """Runs one step; returns fp32 soft-capped logits for ``batch.logits_rows``: (R, V)."""
         w = self.embed_tokens.weight
-        x = F.embedding(batch.input_ids, w) * self.embed_scale().to(w.device)  # (N, H)
+        x = self.embed_tokens(batch.input_ids) * self.embed_scale().to(w.device)  # (N, H)
         if batch.canvas_rows.numel():
             c = x[batch.canvas_rows]  # (Nc, H)
             if batch.soft is not None:
@@ -258,7 +291,7 @@ class DiffusionGemma(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, ropes[i], batch, cache, i)
         h = self.norm(x[batch.logits_rows])
-        logits = F.linear(h, w).float()  # tied lm_head
+        logits = self.embed_tokens.logits(h).float()  # (R, V), tied lm_head
         cap = self.cfg.final_logit_softcapping
         if cap:  # in place: (R, V) is the largest activation of a step
             logits = logits.div_(cap).tanh_().mul_(cap)

@@ -1,0 +1,103 @@
+"""One rank's view of its tensor-parallel group: who it is, its device, and the collectives
+the layers use.
+
+Two process groups per engine:
+
+* ``data``: NCCL on CUDA, gloo on the CPU. Activations: the all-reduce after each
+  row-parallel layer, the vocabulary all-gather of the logits, the broadcast of rank 0's
+  sampling result. Its timeout is short (``collective_timeout``): a step never waits long
+  for a peer.
+* ``control``: always gloo, CPU objects only: rank 0's commands and start-up agreements.
+  Idle ranks wait on it for the next command, so its timeout is effectively infinite; a
+  rank 0 that dies closes its sockets, which ends the wait at once.
+
+The default process group of ``torch.distributed`` is the data group, so one process hosts
+at most one tensor-parallel engine (rank 0 of a replica, or one worker rank).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+CONTROL_TIMEOUT = timedelta(days=3650)
+DEFAULT_COLLECTIVE_TIMEOUT = timedelta(seconds=300)
+
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
+
+
+@dataclass
+class TPGroup:
+    rank: int
+    size: int
+    device: torch.device
+    data: dist.ProcessGroup
+    control: dist.ProcessGroup
+    store: dist.Store  # rendezvous store: workers report failures here (``failure_key``)
+
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.device.type == "cuda" else "gloo"
+
+    def shard(self, n: int) -> slice:
+        """This rank's contiguous 1/size share of ``n`` (divisibility is checked at start-up)."""
+        assert n % self.size == 0, f"{n} is not divisible by tensor_parallel_size {self.size}"
+        per = n // self.size
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+    # -- data plane ------------------------------------------------------------------------
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(x, group=self.data)
+        return x
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """(R, n) per rank -> (R, size * n): the ranks' shards side by side along the last dim."""
+        out = x.new_empty((self.size * x.shape[0], *x.shape[1:]))  # (size*R, n)
+        _all_gather(out, x.contiguous(), group=self.data)
+        return out.view(self.size, *x.shape).movedim(0, -2).reshape(*x.shape[:-1], -1)  # (R, size*n)
+
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        dist.broadcast(x, src, group=self.data)
+        return x
+
+    # -- control plane ---------------------------------------------------------------------
+    def agree_min(self, value: int) -> int:
+        """The smallest ``value`` over all ranks (e.g. the KV budget of the fullest device)."""
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.control)
+        return int(t.item())
+
+    def abort(self) -> None:
+        """Make collectives blocked on a dead peer return (NCCL waits for its timeout otherwise;
+        gloo already fails as soon as the peer's sockets close)."""
+        if self.backend == "nccl":
+            try:
+                dist.distributed_c10d._abort_process_group(self.data)
+            except Exception:  # best effort: the process is going down anyway
+                log.exception("could not abort the NCCL process group")
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def failure_key(rank: int) -> str:
+    return f"dgserve/tp/failure/{rank}"
+
+
+def join(store: dist.Store, *, rank: int, size: int, device: torch.device,
+         collective_timeout: timedelta = DEFAULT_COLLECTIVE_TIMEOUT) -> TPGroup:
+    """Every rank calls this with the same store; returns when all ``size`` ranks have joined."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, store=dist.PrefixStore("dgserve/pg", store), rank=rank, world_size=size,
+                            timeout=collective_timeout)
+    control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+    return TPGroup(rank=rank, size=size, device=device, data=dist.group.WORLD, control=control, store=store)
