@@ -118,7 +118,8 @@ class DiffusionReplica:
             import ray
 
             self.placement_group = ray.util.get_current_placement_group()
-            if "placement_group" in inspect.signature(factory).parameters:
+            params = inspect.signature(factory).parameters
+            if "placement_group" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
                 kwargs["placement_group"] = self.placement_group
         try:
             self.engine: EngineProtocol = factory(engine_cfg, **kwargs)

@@ -47,3 +47,34 @@ def test_import_path_builder_takes_the_args_mapping():
     app = builder(cfg().model_dump(mode="json"))
     assert isinstance(app, Application)
     assert isinstance(build_app(cfg()), Application)
+
+
+class _RecordingEngine:
+    """Records how the replica builds its engine (a double for the constructor call only)."""
+
+    calls: list[dict] = []
+
+    def __init__(self, config, **kwargs):
+        type(self).calls.append({"config": config, **kwargs})
+        raise RuntimeError("recorded")
+
+
+def test_replica_hands_its_placement_group_to_the_engine(monkeypatch):
+    import sys
+
+    import pytest
+    import ray.util
+
+    from dgserve.serving.diffusion import DiffusionReplica
+
+    sentinel = object()
+    monkeypatch.setattr(ray.util, "get_current_placement_group", lambda: sentinel)
+    monkeypatch.setitem(sys.modules, "recording_engine", type(sys)("recording_engine"))
+    sys.modules["recording_engine"].Engine = _RecordingEngine
+    _RecordingEngine.calls = []
+    c = AppConfig.model_validate({"promised_context_length": 4096,
+                                  "diffusion": {"engine": {"model": "/m", "tensor_parallel_size": 2}}})
+    with pytest.raises(RuntimeError, match="recorded"):
+        DiffusionReplica(c.model_dump(mode="json"), "recording_engine:Engine")
+    (call,) = _RecordingEngine.calls
+    assert call["placement_group"] is sentinel and call["config"].context_length == 4096

@@ -68,3 +68,23 @@ def test_health_turns_not_serving_when_the_engine_dies(tiny_model, serve_port):
         from dgserve.serving.client import make_request
 
         assert client.generate(make_request("back", max_new_tokens=8)).text is not None
+
+
+def test_tensor_parallel_replica_runs_its_ranks_in_its_placement_group(tiny_model, serve_port):
+    """TP=2 on CPU (gloo): the replica reserves a STRICT_PACK group of 2 bundles and the engine starts its
+    follower rank in bundle 1."""
+    from dgserve.serving.client import make_request
+    from dgserve.v1 import dgserve_pb2 as pb
+
+    cfg = app_config(tiny_model, serve_port, fallback={"enabled": False},
+                     diffusion={"num_replicas": 1, "rank_num_cpus": 0.1, "engine": {"tensor_parallel_size": 2}})
+    with deployed(cfg) as client:
+        (backend,) = client.info().backends
+        assert backend.tensor_parallel_size == 2
+        r = client.generate(make_request("hello", max_new_tokens=40, seed=2))
+        assert r.backend == pb.BACKEND_DIFFUSION and r.usage.completion_tokens > 0
+        import ray
+
+        groups = [pg for pg in ray.util.placement_group_table().values()
+                  if pg["state"] == "CREATED" and pg["strategy"] == "STRICT_PACK" and len(pg["bundles"]) == 2]
+        assert len(groups) == 1, ray.util.placement_group_table()
