@@ -124,6 +124,7 @@ class Router:
         self.replica_stats: dict[str, dict[str, dict[str, Any]]] = {b: {} for b in self.handles}
         self._actors: dict[str, Any] = {}
         self._app, self._routers = _replica_context()
+        self._metrics = _RouterMetrics()
         await self._verify_backends()
         await self.refresh()
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_forever())
@@ -155,6 +156,7 @@ class Router:
             self.replica_stats[backend] = stats
             slots = sum(int(s["max_batch"]) for s in stats.values() if s.get("healthy"))
             self.admission.set_capacity(backend, slots // self._routers)
+        self._metrics.queue(self.admission.waiting)
 
     async def _stats(self, actor_name: str) -> dict[str, Any] | None:
         import ray
@@ -210,9 +212,11 @@ class Router:
                     out.final = ev
             if out.final is None:
                 raise ServingError(grpc.StatusCode.INTERNAL, f"backend {backend} answered without a result")
+            self._metrics.done(backend, "OK", out.queue_s)
             return self._response(plan, out, arrived)
         except Exception as e:
             self._set_status(grpc_context, e)
+            self._metrics.failed(e)
             return pb.GenerateResponse()
 
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context: Any):
@@ -233,12 +237,14 @@ class Router:
                             token_ids=ev.token_ids, text=ev.text))
             f = out.final
             assert f is not None
+            self._metrics.done(f.backend, "OK", out.queue_s)
             yield pb.GenerateStreamResponse(
                 request_id=rid, backend=BACKEND_ENUM[f.backend], replica=f.replica, finished=True,
                 finish_reason=FINISH_ENUM[f.finish_reason], model=f.model, replica_in_flight=f.replica_in_flight,
                 **self._stats_fields(f, out, arrived))
         except Exception as e:
             self._set_status(grpc_context, e)
+            self._metrics.failed(e)
             raise ServingStreamAbort(str(e)) from None  # in a stream the code only sticks when we raise
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, grpc_context: Any) -> pb.ModelInfo:
@@ -344,6 +350,29 @@ class Router:
         if retry is not None:
             ms = str(int(retry * 1000))
             grpc_context.set_trailing_metadata([("retry-after-ms", ms), ("grpc-retry-pushback-ms", ms)])
+
+
+class _RouterMetrics:
+    """Prometheus metrics of the router (Ray's metrics agent exports them)."""
+
+    def __init__(self) -> None:
+        from ray.serve.metrics import Counter, Gauge, Histogram
+
+        self._requests = Counter("dgserve_router_requests_total", description="Requests answered, by backend "
+                                 "and gRPC status code.", tag_keys=("backend", "code"))
+        self._queue = Gauge("dgserve_router_queue_length", description="Requests waiting for a slot.")
+        self._wait = Histogram("dgserve_router_queue_seconds", description="Time requests waited for a slot.",
+                               boundaries=[0.001, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60])
+
+    def done(self, backend: str, code: str, queue_s: float) -> None:
+        self._requests.inc(tags={"backend": backend, "code": code})
+        self._wait.observe(queue_s)
+
+    def failed(self, exc: BaseException) -> None:
+        self._requests.inc(tags={"backend": "none", "code": grpc_status(exc)[0].name})
+
+    def queue(self, n: int) -> None:
+        self._queue.set(n)
 
 
 class ServingStreamAbort(Exception):
