@@ -13,6 +13,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator
+from typing import Any
 
 from .config import EngineConfig
 from .engine import Engine
@@ -25,8 +26,13 @@ log = logging.getLogger(__name__)
 
 
 class AsyncEngine:
-    def __init__(self, config: EngineConfig, *, progress: bool = False, engine: Engine | None = None) -> None:
-        self.engine = engine or Engine(config, progress=progress)
+    def __init__(self, config: EngineConfig, *, progress: bool = False, engine: Engine | None = None,
+                 placement_group: Any = None) -> None:
+        """``placement_group``: with tensor_parallel_size > 1, the Ray placement group whose bundles
+        1..n-1 host the follower ranks (this process is rank 0); without it they are local processes."""
+        from .parallel.launcher import launch
+
+        self.engine = engine or launch(config, placement_group=placement_group, progress=progress)
         self.tokenizer = self.engine.tokenizer
         self._cv = threading.Condition()
         self._inbox: list[Sequence] = []
@@ -46,6 +52,7 @@ class AsyncEngine:
             return len(self._streams)
 
     def check_health(self) -> None:
+        self.engine.check_health()  # a dead tensor-parallel rank, even while the loop is idle
         if self._dead is not None:
             raise EngineDeadError(f"engine loop died: {type(self._dead).__name__}: {self._dead}") from self._dead
         if self._stopping or not self._thread.is_alive():
@@ -94,6 +101,7 @@ class AsyncEngine:
             self._stopping = True
             self._cv.notify()
         self._thread.join(timeout)
+        self.engine.shutdown()
 
     # -- the loop ------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -111,7 +119,7 @@ class AsyncEngine:
                 for seq in inbox:
                     if seq.request_id in aborts:
                         continue
-                    self.engine.scheduler.add(seq)
+                    self.engine.add_sequence(seq)
                 if self.engine.has_unfinished():
                     self._dispatch(self.engine.step())
         except BaseException as e:  # the engine is unusable: tell everyone waiting

@@ -17,6 +17,8 @@ from .cpu import keep_large_blocks
 from .errors import ConfigError, ContextLengthExceededError, InvalidRequestError
 from .kv_cache import KVCache
 from .loader import load_model
+from .parallel.group import TPGroup
+from .parallel.sharding import shard_config
 from .runner import ModelRunner
 from .scheduler import Event, Scheduler
 from .sequence import ResolvedParams, Sequence
@@ -46,30 +48,40 @@ def resolve_dtype(name: str, cfg: ModelConfig, device: torch.device) -> torch.dt
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, *, progress: bool = True) -> None:
+    """One rank's engine. ``tp``: this rank's tensor-parallel group (``parallel.launch`` builds it;
+    rank 0 is then a ``parallel.driver.TPEngine``, the other ranks follow its commands)."""
+
+    def __init__(self, config: EngineConfig, *, progress: bool = True, tp: TPGroup | None = None) -> None:
         self.config = config
+        self.tp = tp
         path = Path(config.model)
+        if config.tensor_parallel_size != (tp.size if tp is not None else 1):
+            raise ConfigError(f"tensor_parallel_size {config.tensor_parallel_size} needs that many ranks: start the "
+                              f"engine with dgserve.engine.parallel.launch(config) or under torchrun")
         self.model_config = cfg = ModelConfig.from_dir(path)
         self.defaults = GenerationDefaults.from_dir(path, cfg.raw.get("text_config", cfg.raw))
         if config.prefill_chunk_size < cfg.canvas_length:
             raise ConfigError(f"prefill_chunk_size {config.prefill_chunk_size} must be >= canvas_length "
                               f"{cfg.canvas_length} (a commit writes one canvas in one forward)")
-        self.device = resolve_device(config.device)
+        self.device = tp.device if tp is not None else resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, cfg, self.device)
         if self.device.type == "cpu":
             keep_large_blocks()
-        self.tokenizer = Tokenizer.from_dir(path)
+        self.tokenizer = Tokenizer.from_dir(path) if tp is None or tp.rank == 0 else None
         self.model = load_model(path, cfg, dtype=self.dtype, device=self.device,
-                                decoder_sliding_window=config.decoder_sliding_window, progress=progress)
+                                decoder_sliding_window=config.decoder_sliding_window, progress=progress, tp=tp)
         dtype_bytes = torch.finfo(self.dtype).bits // 8
+        cache_cfg = cfg if tp is None else shard_config(cfg, tp.size)  # this rank's KV heads
+        budget = kv_budget_bytes(self.device, config.kv_cache_memory_bytes, config.gpu_memory_utilization)
+        if tp is not None:  # every rank serves the same context: the fullest device decides
+            budget = tp.agree_min(budget)
         self.context: ContextReport = verify_context(
-            cfg, requested=config.context_length, max_batch=config.max_batch,
-            chunk_tokens=config.prefill_chunk_size, dtype_bytes=dtype_bytes,
-            kv_budget=kv_budget_bytes(self.device, config.kv_cache_memory_bytes, config.gpu_memory_utilization))
+            cache_cfg, requested=config.context_length, max_batch=config.max_batch,
+            chunk_tokens=config.prefill_chunk_size, dtype_bytes=dtype_bytes, kv_budget=budget)
         self.context_length = config.context_length or self.context.served
-        self.cache = KVCache(cfg, config.max_batch, self.context_length, config.prefill_chunk_size,
+        self.cache = KVCache(cache_cfg, config.max_batch, self.context_length, config.prefill_chunk_size,
                              self.dtype, self.device)
-        self.runner = ModelRunner(self.model, self.cache, cfg, self.device)
+        self.runner = ModelRunner(self.model, self.cache, cfg, self.device, tp)
         self.scheduler = Scheduler(cfg, config.max_batch, config.prefill_chunk_size, self.cache,
                                    self._detokenize, self.device)
         self.model_name = config.model_name or path.resolve().name
@@ -157,8 +169,12 @@ class Engine:
         if any(s.request_id == req.request_id for s in (*self.scheduler.waiting, *self.scheduler.running)):
             raise InvalidRequestError(f"request_id {req.request_id!r} is already in flight")
         seq = self.make_sequence(req)
-        self.scheduler.add(seq)
+        self.add_sequence(seq)
         return seq
+
+    def add_sequence(self, seq: Sequence) -> None:
+        """Queue a sequence from ``make_sequence`` (the async front validates before queueing)."""
+        self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> bool:
         return self.scheduler.abort(request_id) is not None
@@ -170,6 +186,12 @@ class Engine:
         plan = self.scheduler.schedule()
         outputs = self.runner.run(plan)
         return self.scheduler.postprocess(plan, outputs)
+
+    def check_health(self) -> None:
+        """Raises EngineDeadError when the engine cannot serve (a tensor-parallel rank died)."""
+
+    def shutdown(self) -> None:
+        """Releases what the engine holds beyond memory (tensor-parallel ranks); idempotent."""
 
     # -- convenience ---------------------------------------------------------------------
     def generate_batch(self, requests: list[GenerationRequest]) -> list[GenerationResult]:

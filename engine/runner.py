@@ -7,16 +7,19 @@ import torch
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .model import DiffusionGemma, Segment, StepBatch
+from .parallel.group import TPGroup
 from .sampler import StepNoise, denoise_step, temperature
 from .scheduler import CanvasOutput, Scheduled
 
 
 class ModelRunner:
-    def __init__(self, model: DiffusionGemma, cache: KVCache, cfg: ModelConfig, device: torch.device) -> None:
+    def __init__(self, model: DiffusionGemma, cache: KVCache, cfg: ModelConfig, device: torch.device,
+                 tp: TPGroup | None = None) -> None:
         self.model = model
         self.cache = cache
         self.cfg = cfg
         self.device = device
+        self.tp = tp
 
     def build(self, plan: list[Scheduled]) -> StepBatch:
         c = self.cfg.canvas_length
@@ -65,6 +68,8 @@ class ModelRunner:
         res = denoise_step(logits.view(len(items), c, v), torch.stack([s.canvas for s in seqs]),
                            torch.stack([s.pin_mask for s in seqs]), torch.stack([s.pin_ids for s in seqs]),
                            temps, bounds, noise)
+        if self.tp is not None:  # rank 0's sampling decides for every rank
+            self.tp.share_step_result(res)
         soft = self.model.soft_embeddings(res.probs.view(-1, v)).view(len(items), c, -1)
         accepted = (res.accepted & ~torch.stack([s.pin_mask for s in seqs])).sum(-1).tolist()
         mean_h = res.mean_entropy.tolist()

@@ -9,7 +9,7 @@ ranks follow its commands (``worker.py``). ``python -m dgserve.engine.parallel``
 ``torchrun``. Modules: ``group`` (process groups, collectives), ``sharding`` (who holds
 what, start-up checks), ``layers`` (column/row/vocabulary-parallel layers), ``channel``
 (commands), ``worker`` (the follower loop), ``driver`` (rank 0's engine, watchdog),
-``launch`` (starting ranks: local processes, Ray actors, torchrun).
+``launcher`` (starting ranks: local processes, Ray actors, torchrun).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ __all__ = ["TPGroup", "check_tensor_parallel", "launch", "launch_async", "torchr
 
 def __getattr__(name: str) -> Any:  # the launchers import the engine, which imports this package's layers
     if name in ("launch", "launch_async", "torchrun_engine"):
-        from . import launch as _launch
+        from . import launcher as _launcher
 
-        return getattr(_launch, name)
+        return getattr(_launcher, name)
     raise AttributeError(name)

@@ -24,6 +24,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ..sampler import StepResult
+
 log = logging.getLogger(__name__)
 
 CONTROL_TIMEOUT = timedelta(days=3650)
@@ -65,6 +67,26 @@ class TPGroup:
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         dist.broadcast(x, src, group=self.data)
         return x
+
+    def share_step_result(self, res: StepResult) -> None:
+        """Overwrite this rank's sampling decisions with rank 0's (canvas, argmax, accepted, mean entropy).
+
+        Every rank samples the same gathered logits with the same noise, so they agree anyway on
+        deterministic kernels; this one small broadcast (B x C ids) makes rank 0 authoritative,
+        so no thread count or kernel choice can ever make two ranks' schedulers diverge. (The
+        probabilities are not shared: each rank only needs its vocabulary slice of them, and
+        the all-reduce of the self-conditioning product is identical on every rank.)
+        """
+        b, c = res.canvas.shape
+        packed = torch.cat([res.canvas.reshape(-1), res.argmax.reshape(-1), res.accepted.reshape(-1).long(),
+                            res.mean_entropy.float().view(torch.int32).long()])  # (3*B*C + B,)
+        self.broadcast(packed)
+        if self.rank:
+            canvas, argmax, accepted, mean_h = packed.split([b * c, b * c, b * c, b])
+            res.canvas = canvas.view(b, c).to(res.canvas.dtype)
+            res.argmax = argmax.view(b, c).to(res.argmax.dtype)
+            res.accepted = accepted.view(b, c).bool()
+            res.mean_entropy = mean_h.int().view(torch.float32).to(res.mean_entropy.dtype)
 
     # -- control plane ---------------------------------------------------------------------
     def agree_min(self, value: int) -> int:
