@@ -126,7 +126,7 @@ class AsyncEngine:
             log.exception("engine loop died")
             self._dead = e
         finally:
-            err = EngineDeadError("engine loop died" if self._dead else "engine shut down")
+            err = EngineDeadError(f"engine loop died: {self._dead}" if self._dead else "engine shut down")
             with self._cv:
                 streams, self._streams = self._streams, {}
             for loop, queue in streams.values():

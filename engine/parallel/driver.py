@@ -16,6 +16,7 @@ import signal
 import threading
 import time
 from dataclasses import replace
+from collections.abc import Callable
 from typing import Protocol
 
 from ..config import EngineConfig
@@ -75,23 +76,23 @@ def describe_failure(store, dead: dict[int, str], cause: BaseException | None, d
 
 
 class Watchdog:
-    """Polls the followers; the first death is recorded and, on NCCL, aborts the communicator so
-    that a collective blocked on the dead peer returns."""
+    """Polls the followers every ``interval_s``; on the first death it calls ``on_death`` (which
+    marks the engine dead, stops the other ranks and, on NCCL, aborts the communicator so that a
+    collective blocked on the dead peer returns)."""
 
-    def __init__(self, group: TPGroup | None, workers: list[WorkerHandle], interval_s: float = 0.2) -> None:
-        self.group = group
+    def __init__(self, workers: list[WorkerHandle], on_death: Callable[[dict[int, str]], None],
+                 interval_s: float = 0.2) -> None:
         self.workers = workers
+        self.on_death = on_death
         self.interval_s = interval_s
         self.dead: dict[int, str] = {}
         self._stop = threading.Event()
-        if group is not None:
-            threading.Thread(target=self._run, name="dgserve-tp-watchdog", daemon=True).start()
+        threading.Thread(target=self._run, name="dgserve-tp-watchdog", daemon=True).start()
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             if self.poll():
-                log.error("tensor-parallel rank(s) died: %s", self.dead)
-                self.group.abort()
+                self.on_death(dict(self.dead))
                 return
 
     def poll(self) -> dict[int, str]:
@@ -106,7 +107,7 @@ class Watchdog:
         deadline = time.monotonic() + timeout_s
         while not self.poll() and time.monotonic() < deadline:
             time.sleep(0.05)
-        return self.dead
+        return dict(self.dead)
 
     def stop(self) -> None:
         self._stop.set()
@@ -119,11 +120,12 @@ class TPEngine(Engine):
                  progress: bool = False) -> None:
         super().__init__(config, progress=progress, tp=tp)
         self.workers = workers
-        self.watchdog = Watchdog(tp, workers)
         self._ops: list[AddRequest | Abort] = []
         self._lock = threading.Lock()  # one step or shutdown at a time on the command channel
+        self._fail_lock = threading.Lock()
         self._error: EngineDeadError | None = None
         self._closed = False
+        self.watchdog = Watchdog(workers, lambda dead: self._fail(dead, None))
 
     def add_sequence(self, seq: Sequence) -> None:
         super().add_sequence(seq)
@@ -146,12 +148,10 @@ class TPEngine(Engine):
                 self._ops.clear()
                 outputs = self.runner.run(plan)
             except Exception as e:  # the ranks are out of step: nothing more can run
-                raise self._die(e) from e
+                raise self._fail(self.watchdog.wait_for_death(timeout_s=3.0), e) from e
         return self.scheduler.postprocess(plan, outputs)
 
     def check_health(self) -> None:
-        if self._error is None and self.watchdog.dead:
-            self._error = EngineDeadError(describe_failure(self.tp.store, self.watchdog.dead, None))
         if self._error is not None:
             raise self._error
         if self._closed:
@@ -160,7 +160,7 @@ class TPEngine(Engine):
     def shutdown(self) -> None:
         if self._closed:
             return
-        clean = self._error is None and not self.watchdog.dead and self._lock.acquire(timeout=10.0)
+        clean = self._error is None and self._lock.acquire(timeout=10.0)
         self._closed = True
         self.watchdog.stop()
         try:
@@ -179,14 +179,15 @@ class TPEngine(Engine):
             if clean:
                 self._lock.release()
 
-    # -- failure -------------------------------------------------------------------------
-    def _die(self, cause: BaseException) -> EngineDeadError:
-        if self._error is None:
-            dead = self.watchdog.wait_for_death(timeout_s=3.0)
-            self._error = EngineDeadError(describe_failure(self.tp.store, dead, cause))
-            log.error("%s", self._error)
-            self.watchdog.stop()
-            for w in self.workers:
-                if w.rank not in dead:
-                    w.stop(timeout=0.0)
-        return self._error
+    def _fail(self, dead: dict[int, str], cause: BaseException | None) -> EngineDeadError:
+        """Mark the engine dead (once) and stop every rank still running: the ranks are out of step."""
+        with self._fail_lock:
+            if self._error is None:
+                self._error = EngineDeadError(describe_failure(self.tp.store, dead, cause))
+                log.error("%s", self._error)
+                self.watchdog.stop()
+                self.tp.abort()
+                for w in self.workers:
+                    if w.rank not in dead:
+                        w.stop(timeout=0.0)
+            return self._error

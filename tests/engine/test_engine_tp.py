@@ -1,26 +1,42 @@
-"""Tensor parallelism on CPU ranks (gloo) equals one rank: the model's logits in both modes, the
-self-conditioning product and the KV cache after a commit, for 2 and 4 ranks, dense and MoE.
-
-Every rank of a group is a real process (forkserver) running the real sharded model over gloo;
-the single-rank reference runs in the test process. Engine-level behaviour (generations,
-commands, failures) is in test_engine_tp_engine.py.
+"""Tensor parallelism on CPU ranks (gloo) equals one rank, for 2 and 4 ranks, dense and MoE: the
+model's logits in both modes, the self-conditioning product and the KV cache after a commit
+(every rank a real process running the real sharded model); whole generations through the real
+launcher and command channel; a rank killed mid-generation becomes a clean EngineDeadError
+naming it within seconds; unusable tensor_parallel_size values are refused with the reason.
 """
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing as mp
+import os
+import signal
+import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
 
+from dgserve.engine import (
+    AsyncEngine,
+    CanvasEvent,
+    ConfigError,
+    DraftEvent,
+    Engine,
+    EngineConfig,
+    EngineDeadError,
+    GenerationRequest,
+    SamplingParams,
+)
 from dgserve.engine.config import ModelConfig
 from dgserve.engine.kv_cache import KVCache
 from dgserve.engine.loader import load_model
+from dgserve.engine.parallel import check_tensor_parallel, launch
+from dgserve.engine.parallel.driver import TPEngine
 from dgserve.engine.parallel.group import join
-from dgserve.engine.parallel.sharding import kv_head_shard
-from dgserve.engine.tiny import make_tiny_model
+from dgserve.engine.parallel.sharding import kv_head_shard, shard_config
+from dgserve.engine.tiny import make_config, make_tiny_model
 
 TOL = 1e-4
 CPU = torch.device("cpu")
@@ -59,8 +75,6 @@ def scenario(model, cfg: ModelConfig) -> dict[str, torch.Tensor]:
 
 
 def cfg_for_cache(model, cfg: ModelConfig) -> ModelConfig:
-    from dgserve.engine.parallel.sharding import shard_config
-
     return cfg if model.tp is None else shard_config(cfg, model.tp.size)
 
 
@@ -117,3 +131,129 @@ def test_sharded_model_equals_one_rank(models, references, size, tmp_path):
                     assert got[name][f"{kv}{i}"].shape == want.shape
                     diff = (got[name][f"{kv}{i}"] - want).abs().max().item()
                     assert diff <= TOL, f"{name} layer {i} {kv} rank {r}: max abs diff {diff}"
+
+
+# -- the engine: generations, commands, failures ----------------------------------------------
+# Exact token equality and its limit (measured on the tiny models, fp32): one rank and N ranks
+# differ by the summation order of the row-parallel all-reduces (ulp level: 4e-7 after the first
+# o_proj, up to 7e-5 on the logits after 6 layers). Within a canvas the self-conditioning loop
+# roughly doubles any difference every denoising step (1e-4 after one step, 5e-2 after ten), and
+# the very same growth follows from a one-ulp perturbation of the self-conditioning input on a
+# single rank: it is the tiny random model's dynamics, not the sharding. A commit resets it (the
+# clean argmax canvas re-enters the cache). So generations are compared at a few steps per canvas
+# (differences stay near 1e-4, far below the sampler's decision margins), over several canvases.
+FEW_STEPS = dict(max_new_tokens=96, max_denoising_steps=4, confidence_threshold=1e-9)
+
+
+def generation_requests() -> list[GenerationRequest]:
+    return [
+        GenerationRequest("a", tuple(range(2, 40)), SamplingParams(seed=1, **FEW_STEPS)),
+        GenerationRequest("b", (2, 9, 7), SamplingParams(seed=2, **{**FEW_STEPS, "max_new_tokens": 50})),
+        # early stop: always confident and stable, so every canvas commits after one step
+        GenerationRequest("c", tuple(range(5, 25)), SamplingParams(seed=3, max_new_tokens=96, max_denoising_steps=12,
+                                                                   confidence_threshold=50.0, stability_threshold=0,
+                                                                   entropy_bound=0.5)),
+    ]
+
+
+def tp_config(path, size: int, **kw) -> EngineConfig:
+    return EngineConfig(model=str(path), max_batch=4, context_length=512, tensor_parallel_size=size, **kw)
+
+
+@pytest.mark.parametrize("size,model", [(2, "moe"), (4, "dense")])
+def test_generations_equal_one_rank(models, size, model):
+    reqs = generation_requests()
+    want = Engine(tp_config(models[model], 1), progress=False).generate_batch(reqs)
+    eng = launch(tp_config(models[model], size))
+    try:
+        assert isinstance(eng, TPEngine) and eng.info().tensor_parallel_size == size
+        got = eng.generate_batch(reqs)
+    finally:
+        eng.shutdown()
+    for a, b in zip(want, got):
+        assert b.token_ids == a.token_ids, f"request {a.request_id}"
+        assert (b.stats.steps_per_canvas, b.finish_reason) == (a.stats.steps_per_canvas, a.finish_reason)
+    assert want[2].stats.steps_per_canvas == (1, 1, 1)
+    assert [w.process.exitcode for w in eng.workers] == [0] * (size - 1)  # clean exits after Shutdown
+
+
+def test_killed_rank_between_steps_is_a_clean_error_naming_it(models):
+    eng = launch(tp_config(models["moe"], 4))
+    try:
+        eng.add_request(GenerationRequest("long", (2, 3, 4), SamplingParams(
+            seed=0, max_new_tokens=256, max_denoising_steps=50, confidence_threshold=0.0)))
+        eng.step()
+        eng.step()
+        victim = eng.workers[1]
+        assert victim.rank == 2
+        os.kill(victim.process.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(EngineDeadError, match=r"rank 2 died .*rank 2 killed by SIGKILL"):
+            for _ in range(100):
+                eng.step()
+        assert time.monotonic() - t0 < 5.0
+        with pytest.raises(EngineDeadError, match="rank 2"):
+            eng.check_health()
+        for w in eng.workers:  # no follower is left behind
+            w.process.join(5.0)
+            assert w.process.exitcode is not None
+    finally:
+        eng.shutdown()
+
+
+def test_async_engine_over_tp_streams_and_fails_fast_when_a_rank_dies(models):
+    reqs = generation_requests()
+    want = Engine(tp_config(models["moe"], 1), progress=False).generate_batch(reqs[:1])[0]
+    eng = AsyncEngine(tp_config(models["moe"], 2))  # no placement group: local follower processes
+
+    async def scenario():
+        tokens = [t async for ev in eng.generate(reqs[0]) if isinstance(ev, CanvasEvent) for t in ev.token_ids]
+        assert tuple(tokens) == want.token_ids
+        long = GenerationRequest("long", (2, 3), SamplingParams(seed=0, max_new_tokens=400, max_denoising_steps=100,
+                                                                 confidence_threshold=0.0), stream_drafts=True)
+        t0 = None
+        with pytest.raises(EngineDeadError, match="rank 1"):
+            async for ev in eng.generate(long):
+                if t0 is None and isinstance(ev, DraftEvent) and ev.step == 2:
+                    os.kill(eng.engine.workers[0].process.pid, signal.SIGKILL)  # mid-generation, steps running
+                    t0 = time.monotonic()
+        assert t0 is not None and time.monotonic() - t0 < 5.0
+
+    try:
+        asyncio.run(scenario())
+        with pytest.raises(EngineDeadError, match="rank 1"):
+            eng.check_health()
+    finally:
+        eng.shutdown()
+
+
+# -- start-up checks ----------------------------------------------------------------------------
+def test_tensor_parallel_size_must_be_a_power_of_two():
+    with pytest.raises(ValueError, match="power of two.*got 3"):
+        EngineConfig(model="m", tensor_parallel_size=3)
+
+
+@pytest.mark.parametrize("overrides,size,devices,reason", [
+    ({}, 8, 8, "does not divide num_attention_heads 4"),
+    ({}, 4, 2, "only 2 CUDA devices visible"),
+    ({"num_attention_heads": 6, "num_key_value_heads": 3, "num_global_key_value_heads": 3}, 2, 8,
+     "3 key/value heads can be neither split nor replicated over 2 ranks"),
+    ({"vocab_size": 510}, 4, 8, "does not divide vocab_size 510"),
+    ({"moe_intermediate_size": 30}, 4, 8, "does not divide moe_intermediate_size 30"),
+])
+def test_unusable_tensor_parallel_size_is_refused_with_the_reason(overrides, size, devices, reason):
+    cfg = ModelConfig.from_dict(make_config("tiny", **overrides))
+    with pytest.raises(ConfigError, match=f"tensor_parallel_size {size} is not usable: .*{reason}"):
+        check_tensor_parallel(cfg, size, devices=devices, device_kind="CUDA devices visible")
+    check_tensor_parallel(cfg, 1, devices=1, device_kind="CUDA devices visible")  # one rank always fits
+
+
+def test_launch_refuses_before_starting_any_rank(models):
+    with pytest.raises(ConfigError, match="tensor_parallel_size 8 is not usable: it does not divide "
+                                          "num_attention_heads 4"):
+        launch(tp_config(models["moe"], 8))
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        launch(tp_config(models["moe"], 2, device="cuda"))
+    with pytest.raises(ConfigError, match="tensor_parallel_size 2 needs that many ranks.*parallel.launch"):
+        Engine(tp_config(models["moe"], 2), progress=False)
+    assert not dist.is_initialized()
