@@ -1,10 +1,16 @@
-"""The serving path: rank 0 inside a Ray actor that holds bundle 0 of a STRICT_PACK placement
-group (as a Serve replica does) launches its follower ranks as Ray actors in the other bundles,
-over gloo on CPU bundles; the generations equal one rank's. A real local Ray (slow to start)."""
+"""The other two ways to start ranks, each generating like one rank (CPU, gloo; slow to start):
+
+* the serving path: rank 0 inside a Ray actor that holds bundle 0 of a STRICT_PACK placement
+  group (as a Serve replica does) launches its followers as Ray actors in the other bundles;
+* standalone ``torchrun --nproc-per-node 2 -m dgserve.engine.parallel``.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -57,3 +63,18 @@ def test_ranks_in_placement_group_bundles_generate_like_one_rank(tiny_dir):
             ray.shutdown()
     assert kinds == ["RayWorker"]  # rank 1 ran as a Ray actor in bundle 1
     assert got == want
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_generate_like_one_rank(tiny_dir):
+    args = ["--model", str(tiny_dir), "--prompt", "Hello there", "--device", "cpu", "--max-new-tokens", "40",
+            "--steps", "4", "--seed", "7", "--context-length", "512", "--json"]
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "dgserve.engine.parallel", *args], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    eng = Engine(EngineConfig(model=str(tiny_dir), max_batch=1, context_length=512), progress=False)
+    want = eng.generate_batch([GenerationRequest("torchrun", tuple(eng.tokenizer.encode("Hello there")),
+                                                 SamplingParams(seed=7, max_new_tokens=40, max_denoising_steps=4))])[0]
+    assert got["token_ids"] == list(want.token_ids)
+    assert got["steps_per_canvas"] == list(want.stats.steps_per_canvas)
