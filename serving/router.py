@@ -46,6 +46,7 @@ DEPLOYMENTS = {DIFFUSION: "DiffusionReplica", FALLBACK: "AutoregressiveFallback"
 BACKEND_ENUM = {DIFFUSION: pb.BACKEND_DIFFUSION, FALLBACK: pb.BACKEND_AUTOREGRESSIVE}
 FINISH_ENUM = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 HEALTH_SERVICES = ("", "dgserve.v1.DGServe")
+RETRIES_ON_DEAD_REPLICA = 1  # a request whose replica died before answering is tried once more
 SAMPLING_FIELDS = ("max_denoising_steps", "entropy_bound", "t_min", "t_max", "confidence_threshold",
                    "stability_threshold", "temperature", "top_p")
 
@@ -193,23 +194,26 @@ class Router:
         try:
             plan = plan_request(request, fallback=FALLBACK in self.handles, overflow=self.cfg.router.overflow)
             out = _Outcome()
-            backend = await self._acquire(plan, out)
-            try:
-                call = self.handles[backend].generate_unary.remote(plan.request)
+            for attempt in range(1 + RETRIES_ON_DEAD_REPLICA):
+                backend = await self._acquire(plan, out)
                 try:
-                    events = await call
-                except asyncio.CancelledError:
-                    call.cancel()  # client gone: abort in the replica, which frees the engine slot
+                    events = await self._call_unary(backend, plan)
+                except Exception as e:
+                    if attempt < RETRIES_ON_DEAD_REPLICA and _replica_died(e):
+                        await self.refresh()  # drop the dead replica's slots, then try again
+                        continue
                     raise
-            finally:
-                self.admission.release(backend)
-            for ev in events:
-                if isinstance(ev, Failure):
-                    raise ServingError(grpc.StatusCode[ev.code], ev.message)
-                if isinstance(ev, Chunk):
-                    out.chunks.append(ev)
-                elif isinstance(ev, Final):
-                    out.final = ev
+                finally:
+                    self.admission.release(backend)
+                failure = next((ev for ev in events if isinstance(ev, Failure)), None)
+                if failure is not None:
+                    if attempt < RETRIES_ON_DEAD_REPLICA and _replica_died(failure):
+                        await self.refresh()
+                        continue
+                    raise ServingError(grpc.StatusCode[failure.code], failure.message)
+                break
+            out.chunks = [ev for ev in events if isinstance(ev, Chunk)]
+            out.final = next((ev for ev in events if isinstance(ev, Final)), None)
             if out.final is None:
                 raise ServingError(grpc.StatusCode.INTERNAL, f"backend {backend} answered without a result")
             self._metrics.done(backend, "OK", out.queue_s)
@@ -218,6 +222,14 @@ class Router:
             self._set_status(grpc_context, e)
             self._metrics.failed(e)
             return pb.GenerateResponse()
+
+    async def _call_unary(self, backend: str, plan: Plan) -> list[Any]:
+        call = self.handles[backend].generate_unary.remote(plan.request)
+        try:
+            return await call
+        except asyncio.CancelledError:
+            call.cancel()  # client gone: abort in the replica, which frees the engine slot
+            raise
 
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context: Any):
         arrived = time.perf_counter()
@@ -292,31 +304,46 @@ class Router:
         except QueueTimeoutError as e:
             raise ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"no backend could take the request: {e}; "
                                f"retry after {rc.retry_after_s:g}s", retry_after_s=rc.retry_after_s) from None
-        out.queue_s = time.perf_counter() - t0
+        out.queue_s += time.perf_counter() - t0
         return backend
 
     async def _run(self, plan: Plan, out: _Outcome):
-        """Take a slot, stream the backend's events (Chunk / DraftProgress), keep the Final in ``out``."""
-        backend = await self._acquire(plan, out)
-        gen = None
-        finished = False
-        try:
-            gen = self.handles[backend].options(stream=True).generate.remote(plan.request)
-            async for ev in gen:
-                if isinstance(ev, Failure):
-                    finished = True
-                    raise ServingError(grpc.StatusCode[ev.code], ev.message)
-                if isinstance(ev, Final):
-                    out.final = ev
-                    finished = True
-                    break
-                yield backend, ev
+        """Take a slot, stream the backend's events (Chunk / DraftProgress), keep the Final in ``out``.
+        A replica that died before sending anything is retried once elsewhere."""
+        for attempt in range(1 + RETRIES_ON_DEAD_REPLICA):
+            backend = await self._acquire(plan, out)
+            gen = None
+            finished = yielded = False
+            retry = False
+            try:
+                gen = self.handles[backend].options(stream=True).generate.remote(plan.request)
+                async for ev in gen:
+                    if isinstance(ev, Failure):
+                        finished = True
+                        if not yielded and attempt < RETRIES_ON_DEAD_REPLICA and _replica_died(ev):
+                            retry = True
+                            break
+                        raise ServingError(grpc.StatusCode[ev.code], ev.message)
+                    if isinstance(ev, Final):
+                        out.final = ev
+                        finished = True
+                        break
+                    yielded = True
+                    yield backend, ev
+            except Exception as e:
+                if yielded or attempt >= RETRIES_ON_DEAD_REPLICA or not _replica_died(e):
+                    raise
+                finished = retry = True
+            finally:
+                if gen is not None and not finished:
+                    gen.cancel()  # client gone or error: abort in the replica, which frees the engine slot
+                self.admission.release(backend)
+            if retry:
+                await self.refresh()
+                continue
             if out.final is None:
                 raise ServingError(grpc.StatusCode.INTERNAL, f"backend {backend} ended the stream without a result")
-        finally:
-            if gen is not None and not finished:
-                gen.cancel()  # client gone or error: abort in the replica, which frees the engine slot
-            self.admission.release(backend)
+            return
 
     def _stats_fields(self, f: Final, out: _Outcome, arrived: float) -> dict[str, Any]:
         gen_s = max(f.seconds, 1e-9)
@@ -396,6 +423,13 @@ def grpc_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
             return grpc_status(cause)
         return grpc.StatusCode.INTERNAL, f"backend error: {type(exc).__name__}"
     return status_for(exc)
+
+
+def _replica_died(err: BaseException | Failure) -> bool:
+    """The backend replica (or its engine) died: the request itself was fine and may be retried."""
+    if isinstance(err, Failure):
+        return err.code == grpc.StatusCode.UNAVAILABLE.name
+    return grpc_status(err)[0] == grpc.StatusCode.UNAVAILABLE
 
 
 def _replica_context() -> tuple[str, int]:

@@ -59,15 +59,21 @@ def test_health_turns_not_serving_when_the_engine_dies(tiny_model, serve_port):
 
     cfg = app_config(tiny_model, serve_port, fallback={"enabled": False},
                      diffusion={"num_replicas": 1, "health_check_period_s": 1.0, "health_check_timeout_s": 5.0})
-    with deployed(cfg) as client:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dgserve.serving.client import make_request
+
+    with deployed(cfg) as client, ThreadPoolExecutor(1) as pool:
         assert client.health() == "SERVING"
+        before = client.generate(make_request("before", max_new_tokens=8))
         serve.get_deployment_handle("DiffusionReplica", cfg.name).shutdown_engine.remote().result(timeout_s=30)
+        # sent at once: it reaches the dead engine (retried) or waits for a slot; either way it is not lost
+        during = pool.submit(client.generate, make_request("during", max_new_tokens=8, routing="diffusion"), 90)
         _wait_health(client, "NOT_SERVING", timeout_s=10)
         # Serve's own health check replaces the replica; the app serves again
         _wait_health(client, "SERVING", timeout_s=90)
-        from dgserve.serving.client import make_request
-
-        assert client.generate(make_request("back", max_new_tokens=8)).text is not None
+        after = during.result(timeout=90)
+        assert after.replica != before.replica and after.usage.completion_tokens > 0
 
 
 def test_tensor_parallel_replica_runs_its_ranks_in_its_placement_group(tiny_model, serve_port):
