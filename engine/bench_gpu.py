@@ -1,0 +1,209 @@
+"""GPU benchmark, one call: our engine next to transformers' reference on a bigger random config.
+
+    python -m dgserve.engine.bench_gpu --out bench_gpu.json            # on a GPU machine
+    python -m dgserve.engine.bench_gpu --shapes tiny --device cpu ...  # smoke run of the script
+
+Config ("real" shapes): the published DiffusionGemma-26B-A4B layer shapes (hidden 2816, 16
+heads, 8/2 KV heads, head_dim 256/512, dense MLP 2112, 128 experts x 704 top-8, vocabulary
+262144, canvas 256) with fewer layers (``--layers``, default 6 = 5 sliding + 1 full, about 5.6B
+parameters, 11 GiB in bf16), random weights written once as an official-format checkpoint
+(the same file loads in both implementations). bf16, one GPU (``--tensor-parallel-size`` > 1
+runs our engine over that many local GPUs instead).
+
+Measures, with early stop and EOS off (every canvas runs ``--steps`` steps):
+* canvas time: ours, the median wall time of one canvas's steps (each step synchronises the
+  device; canvases after the first, which also carries the prefill); the reference, its
+  generate wall time divided by the number of canvases (prefill included);
+* tokens/s at batch 1 and 8: new tokens / wall time of the whole generation (prefill included),
+  median of ``--reps`` runs after a warm-up, the two implementations interleaved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .config import EngineConfig, ModelConfig
+from .loader import DECODER, ENCODER
+from .model import DiffusionGemma
+from .tiny import make_config
+from .types import CanvasEvent, GenerationRequest, SamplingParams
+
+REAL_SHAPES = dict(vocab_size=262144, hidden_size=2816, intermediate_size=2112, num_attention_heads=16,
+                   num_key_value_heads=8, head_dim=256, global_head_dim=512, num_global_key_value_heads=2,
+                   sliding_window=1024, num_experts=128, top_k_experts=8, moe_intermediate_size=704,
+                   canvas_length=256, max_position_embeddings=262144)
+
+
+def write_checkpoint(path: Path, shapes: str, layers: int, device: torch.device, seed: int = 0) -> Path:
+    """config.json, generation_config.json (EOS off) and random bf16 weights with the official names."""
+    overrides = {**(REAL_SHAPES if shapes == "real" else {}), "num_hidden_layers": layers}
+    config = make_config("bench" if shapes == "real" else "tiny", **overrides)
+    config["dtype"] = config["text_config"]["dtype"] = "bfloat16"
+    cfg = ModelConfig.from_dict(config)
+    with torch.device("meta"):
+        shapes_of = {n: (tuple(p.shape), p.dim()) for n, p in DiffusionGemma(cfg).state_dict().items()}
+    g = torch.Generator(device=device).manual_seed(seed)
+    tensors = {}
+    for name, (shape, dim) in shapes_of.items():  # drawn on the device: seconds, not minutes, for 5B numbers
+        if name.endswith("layer_scalar"):
+            t = 0.5 + torch.rand(shape, generator=g, device=device)
+        elif name == "embed_tokens.weight":
+            t = torch.randn(shape, generator=g, device=device) * 0.3
+        elif dim == 1:
+            t = 1.0 + 0.1 * torch.randn(shape, generator=g, device=device)
+        else:
+            t = torch.randn(shape, generator=g, device=device) * (0.5 / math.sqrt(shape[-1]))
+        tensors[DECODER + name] = t.to(torch.bfloat16).cpu()
+    for i in range(layers):
+        tensors[f"{ENCODER}layers.{i}.layer_scalar"] = tensors[f"{DECODER}layers.{i}.layer_scalar"].clone()
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    (path / "generation_config.json").write_text(json.dumps({
+        "max_new_tokens": 256, "max_denoising_steps": 16, "t_min": 0.4, "t_max": 0.8,
+        "sampler_config": {"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.1},
+        "stability_threshold": 1, "confidence_threshold": 0.005, "eos_token_id": [], "pad_token_id": 0}, indent=2))
+    return path
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ours(engine, ids: torch.Tensor, new: int, steps: int) -> tuple[float, list[float]]:
+    """Wall seconds of the whole generation, and the seconds of each canvas of request 0 after the
+    first (the first one also carries the prompt's prefill; the others carry their commit)."""
+    for i, row in enumerate(ids):
+        engine.add_request(GenerationRequest(f"b{i}", tuple(row.tolist()), SamplingParams(
+            max_new_tokens=new, max_denoising_steps=steps, confidence_threshold=0.0, seed=i)))
+    canvases, current = [], 0.0
+    sync(engine.device)
+    t0 = time.perf_counter()
+    while engine.has_unfinished():
+        t = time.perf_counter()
+        events = engine.step()  # returns once the step's results reached the host
+        current += time.perf_counter() - t
+        if any(isinstance(ev, CanvasEvent) and ev.request_id == "b0" for ev in events):
+            canvases.append(current)
+            current = 0.0
+    sync(engine.device)
+    return time.perf_counter() - t0, canvases[1:] or canvases
+
+
+def time_reference(hf, ids: torch.Tensor, new: int, steps: int, device: torch.device) -> float:
+    sync(device)
+    t = time.perf_counter()
+    out = hf.generate(ids.to(device), max_new_tokens=new, max_denoising_steps=steps, confidence_threshold=1e-9)
+    sync(device)
+    dt = time.perf_counter() - t
+    assert out.sequences.shape[1] == ids.shape[1] + new, out.sequences.shape
+    return dt
+
+
+def run(args: argparse.Namespace) -> dict:
+    import transformers
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    from .parallel import launch
+
+    transformers.logging.set_verbosity_error()
+    device = torch.device(args.device)
+    t = time.perf_counter()
+    path = write_checkpoint(Path(args.dir or tempfile.mkdtemp(prefix="dgbench-")) / "model", args.shapes,
+                            args.layers, device)
+    setup = {"write_checkpoint_s": time.perf_counter() - t}
+    cfg = ModelConfig.from_dir(path)
+    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    t = time.perf_counter()
+    engine = launch(EngineConfig(model=str(path), dtype=dtype, device=args.device, max_batch=8,
+                                 context_length=args.prompt + args.new_tokens + cfg.canvas_length,
+                                 tensor_parallel_size=args.tensor_parallel_size))
+    setup["load_ours_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    hf = DiffusionGemmaForBlockDiffusion.from_pretrained(str(path), dtype=getattr(torch, dtype)).to(device).eval()
+    setup["load_reference_s"] = time.perf_counter() - t
+    g = torch.Generator().manual_seed(0)
+    results = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "versions": f"torch {torch.__version__}, transformers {transformers.__version__}",
+        "config": {"shapes": args.shapes, "layers": args.layers, "params": sum(
+            p.numel() for p in hf.model.decoder.parameters()), "hidden": cfg.hidden_size, "vocab": cfg.vocab_size,
+            "experts": f"{cfg.num_experts}x{cfg.moe_intermediate_size} top-{cfg.top_k_experts}",
+            "canvas": cfg.canvas_length, "dtype": dtype, "tensor_parallel_size": args.tensor_parallel_size},
+        "workload": {"prompt": args.prompt, "new_tokens": args.new_tokens, "steps": args.steps},
+        "setup": setup, "batches": {},
+    }
+    try:
+        warm = torch.randint(10, cfg.vocab_size, (1, args.prompt), generator=g)
+        time_ours(engine, warm, cfg.canvas_length, args.steps)
+        time_reference(hf, warm, cfg.canvas_length, args.steps, device)
+        for batch in (1, 8):
+            ids = torch.randint(10, cfg.vocab_size, (batch, args.prompt), generator=g)
+            ours, ref, canvas = [], [], []
+            for _ in range(args.reps):  # interleaved, so drift slows both alike
+                wall, canvases = time_ours(engine, ids, args.new_tokens, args.steps)
+                ours.append(wall)
+                canvas += canvases
+                ref.append(time_reference(hf, ids, args.new_tokens, args.steps, device))
+            tokens = batch * args.new_tokens
+            n_canvas = math.ceil(args.new_tokens / cfg.canvas_length)
+            results["batches"][batch] = {
+                "ours_tok_s": tokens / statistics.median(ours), "reference_tok_s": tokens / statistics.median(ref),
+                "ours_canvas_ms": 1e3 * statistics.median(canvas),
+                "reference_canvas_ms": 1e3 * statistics.median(ref) / n_canvas,
+                "ours_s": ours, "reference_s": ref,
+            }
+    finally:
+        engine.shutdown()
+    return results
+
+
+def format_results(r: dict) -> str:
+    c, w = r["config"], r["workload"]
+    lines = [f"device: {r['device']} ({r['versions']})",
+             f"config: {c['shapes']} shapes, {c['layers']} layers, {c['params'] / 1e9:.2f}B parameters, hidden "
+             f"{c['hidden']}, vocab {c['vocab']}, experts {c['experts']}, canvas {c['canvas']}, {c['dtype']}, "
+             f"TP {c['tensor_parallel_size']}",
+             f"workload: prompt {w['prompt']}, {w['new_tokens']} new tokens, {w['steps']} fixed steps per canvas", "",
+             "batch | ours tok/s | reference tok/s | ratio | ours canvas ms | reference canvas ms (wall / canvases)"]
+    for b, v in r["batches"].items():
+        lines.append(f"{b:>5} | {v['ours_tok_s']:>10.1f} | {v['reference_tok_s']:>15.1f} | "
+                     f"{v['ours_tok_s'] / v['reference_tok_s']:>4.2f}x | {v['ours_canvas_ms']:>14.1f} | "
+                     f"{v['reference_canvas_ms']:.1f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dgserve.engine.bench_gpu", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", choices=["real", "tiny"], default="real")
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--prompt", type=int, default=1024)
+    p.add_argument("--new-tokens", type=int, default=512)
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--dir", default=None, help="where to write the random checkpoint (default: a temp dir)")
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = p.parse_args(argv)
+    results = run(args)
+    print(format_results(results))
+    if args.out is not None:
+        args.out.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
