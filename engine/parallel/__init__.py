@@ -9,7 +9,7 @@ ranks follow its commands (``worker.py``). ``python -m dgserve.engine.parallel``
 ``torchrun``. Modules: ``group`` (process groups, collectives), ``sharding`` (who holds
 what, start-up checks), ``layers`` (column/row/vocabulary-parallel layers), ``channel``
 (commands), ``worker`` (the follower loop), ``driver`` (rank 0's engine, watchdog),
-``launcher`` (starting ranks: local processes, Ray actors, torchrun).
+``launcher`` (starting ranks: local processes, torchrun), ``placement`` (Ray actors in placement-group bundles).
 """
 
 from __future__ import annotations

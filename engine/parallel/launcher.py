@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import socket
 import time
 from datetime import timedelta
 from typing import Any
@@ -31,7 +30,7 @@ from ..errors import ConfigError, DGServeError, EngineDeadError
 from .driver import TPEngine, WorkerHandle, describe_exit, describe_failure
 from .group import join
 from .sharding import MAX_CPU_RANKS, check_tensor_parallel
-from .worker import WorkerSpec, pid_key, process_main, run_worker, serve
+from .worker import WorkerSpec, local_pid, pid_alive, pid_key, process_main, serve
 
 STARTUP_TIMEOUT_S = 600.0  # a follower must reach the rendezvous within this (imports, CUDA init)
 COLLECTIVE_TIMEOUT_S = 300.0  # a collective waits at most this for a live but stuck peer
@@ -41,13 +40,14 @@ def launch(config: EngineConfig, *, placement_group: Any = None, progress: bool 
            collective_timeout_s: float = COLLECTIVE_TIMEOUT_S, startup_timeout_s: float = STARTUP_TIMEOUT_S) -> Engine:
     """Starts ``config.tensor_parallel_size`` ranks and returns rank 0's engine (this process).
     Call ``engine.shutdown()`` to stop the followers."""
-    size = config.tensor_parallel_size
-    if size == 1 and placement_group is None:
+    if config.tensor_parallel_size == 1:  # the single-device engine, whatever the placement
         return Engine(config, progress=progress)
     cfg = ModelConfig.from_dir(config.model)
     timeouts = dict(collective_timeout_s=collective_timeout_s, startup_timeout_s=startup_timeout_s)
     if placement_group is not None:
-        return _launch_ray(config, cfg, placement_group, progress, **timeouts)
+        from .placement import launch_in_placement_group
+
+        return launch_in_placement_group(config, cfg, placement_group, progress, **timeouts)
     return _launch_local(config, cfg, progress, **timeouts)
 
 
@@ -102,12 +102,12 @@ def _launch_local(config: EngineConfig, cfg: ModelConfig, progress: bool, *, col
         for w in workers:
             w.stop(0.0)
         raise
-    return _start_rank0(config, store, torch.device(devices[0]), workers, progress, collective_timeout_s,
+    return start_rank0(config, store, torch.device(devices[0]), workers, progress, collective_timeout_s,
                         startup_timeout_s)
 
 
 # -- rank 0 ------------------------------------------------------------------------------------
-def _start_rank0(config: EngineConfig, store: dist.Store, device: torch.device, workers: list[WorkerHandle],
+def start_rank0(config: EngineConfig, store: dist.Store, device: torch.device, workers: list[WorkerHandle],
                  progress: bool, collective_timeout_s: float, startup_timeout_s: float) -> TPEngine:
     group = None
     try:
@@ -145,106 +145,6 @@ def _await_followers(store: dist.Store, workers: list[WorkerHandle], timeout_s: 
         time.sleep(0.05)
 
 
-# -- Ray placement group -----------------------------------------------------------------------
-class _RankActor:
-    """A follower rank inside a Ray actor (one bundle of the replica's placement group)."""
-
-    def run(self, spec: WorkerSpec) -> None:
-        run_worker(spec)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")  # a zombie has exited
-
-
-def _local_pid(store: dist.Store, rank: int) -> int | None:
-    """The follower's pid if it runs on this host (it publishes "host pid" at start)."""
-    try:
-        if store.check([pid_key(rank)]):
-            host, pid = store.get(pid_key(rank)).decode().split()
-            return int(pid) if host == socket.gethostname() else None
-    except Exception:
-        pass
-    return None
-
-
-class RayWorker:
-    def __init__(self, rank: int, actor: Any, ref: Any, store: dist.Store) -> None:
-        self.rank, self.actor, self.ref, self.store = rank, actor, ref, store
-
-    def exit_status(self) -> str | None:
-        import ray
-
-        ready, _ = ray.wait([self.ref], timeout=0)
-        if ready:
-            try:
-                ray.get(self.ref)
-                return "exit code 0"
-            except ray.exceptions.RayActorError:
-                return "actor died"
-            except Exception as e:
-                return f"failed ({type(e).__name__})"
-        pid = _local_pid(self.store, self.rank)
-        return "process gone" if pid is not None and not pid_alive(pid) else None
-
-    def stop(self, timeout: float) -> None:
-        import ray
-
-        try:
-            ray.get(self.ref, timeout=timeout)
-        except Exception:
-            pass
-        ray.kill(self.actor)
-
-
-def _launch_ray(config: EngineConfig, cfg: ModelConfig, pg: Any, progress: bool, *, collective_timeout_s: float,
-                startup_timeout_s: float) -> Engine:
-    import ray
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    size = config.tensor_parallel_size
-    bundles = pg.bundle_specs
-    if len(bundles) < size:
-        raise ConfigError(f"tensor_parallel_size {size} needs one placement-group bundle per rank; the group has "
-                          f"{len(bundles)}")
-    gpus = [float(b.get("GPU", 0)) for b in bundles[:size]]
-    cuda = config.device != "cpu" and all(gpus)
-    if config.device == "cuda" and not cuda:
-        no_gpu = [i for i, g in enumerate(gpus) if not g]
-        raise ConfigError(f"device 'cuda' with tensor_parallel_size {size}: bundles {no_gpu} of the placement group "
-                          f"have no GPU")
-    visible = sum(1 for b in bundles if b.get("GPU")) if cuda else MAX_CPU_RANKS
-    check_tensor_parallel(cfg, size, devices=visible, device_kind="GPU bundles" if cuda else "CPU ranks allowed")
-    device = "cuda:0" if cuda else "cpu"  # an actor sees its bundle's GPU as device 0
-    host = ray.util.get_node_ip_address()
-    store = dist.TCPStore(host, 0, size, is_master=True, wait_for_workers=False,
-                          timeout=timedelta(seconds=startup_timeout_s))
-    actor_cls = ray.remote(_RankActor)
-    workers: list[WorkerHandle] = []
-    try:
-        for rank in range(1, size):
-            b = bundles[rank]
-            actor = actor_cls.options(
-                num_cpus=b.get("CPU", 0), num_gpus=b.get("GPU", 0), name=None,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg,
-                                                                     placement_group_bundle_index=rank),
-            ).remote()
-            spec = WorkerSpec(config.model_dump(), rank, size, host, store.port, device, collective_timeout_s,
-                              startup_timeout_s, threads=1 if not cuda else None)
-            workers.append(RayWorker(rank, actor, actor.run.remote(spec), store))
-    except BaseException:
-        for w in workers:
-            w.stop(0.0)
-        raise
-    return _start_rank0(config, store, torch.device(device), workers, progress, collective_timeout_s,
-                        startup_timeout_s)
-
-
 # -- torchrun ----------------------------------------------------------------------------------
 class PeerWorker:
     """A torchrun peer: torchrun owns the process; rank 0 can only watch its pid (same host)."""
@@ -253,7 +153,7 @@ class PeerWorker:
         self.rank, self.store = rank, store
 
     def exit_status(self) -> str | None:
-        pid = _local_pid(self.store, self.rank)
+        pid = local_pid(self.store, self.rank)
         return "process gone" if pid is not None and not pid_alive(pid) else None
 
     def stop(self, timeout: float) -> None:
@@ -280,4 +180,4 @@ def torchrun_engine(config: EngineConfig, *, progress: bool = False,
               collective_timeout=timedelta(seconds=collective_timeout_s))
         return None
     workers: list[WorkerHandle] = [PeerWorker(r, store) for r in range(1, size)]
-    return _start_rank0(config, store, device, workers, progress, collective_timeout_s, STARTUP_TIMEOUT_S)
+    return start_rank0(config, store, device, workers, progress, collective_timeout_s, STARTUP_TIMEOUT_S)

@@ -26,6 +26,26 @@ def pid_key(rank: int) -> str:
     return f"dgserve/tp/pid/{rank}"
 
 
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")  # a zombie has exited
+
+
+def local_pid(store: dist.Store, rank: int) -> int | None:
+    """The follower's pid if it runs on this host (it publishes "host pid" at start)."""
+    try:
+        if store.check([pid_key(rank)]):
+            host, pid = store.get(pid_key(rank)).decode().split()
+            return int(pid) if host == socket.gethostname() else None
+    except Exception:
+        pass
+    return None
+
+
 @dataclass(frozen=True)
 class WorkerSpec:
     """Everything a follower needs, picklable (crosses process and Ray boundaries)."""
