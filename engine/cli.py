@@ -50,6 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     # `dgserve demo` (the README's first command) is registered by dgserve.serving.cli: it starts the
     # local stack. cmd_demo below is the in-process variant, kept callable for engine-only use.
+    __import__("dgserve.engine.sudoku.cli", fromlist=["register"]).register(sub)  # train, sudoku, sudoku-eval
 
 
 def _engine(model: str, **kw):

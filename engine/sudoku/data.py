@@ -134,13 +134,16 @@ def to_grid_ids(grids: np.ndarray) -> np.ndarray:
     return DIGIT0 + grids.astype(np.int64)
 
 
-def corrupt(solutions: np.ndarray, puzzles: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Uniform-state corruption of the solution canvas: noise level t ~ U(0, 1) per example,
+def corrupt(solutions: np.ndarray, puzzles: np.ndarray, rng: np.random.Generator,
+            noise_power: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Uniform-state corruption of the solution canvas: noise level t = u ** noise_power with
+    u ~ U(0, 1) per example (power 0.5: density 2t, more of the noisy canvases the sampler's
+    early steps see),
     each blank cell replaced with probability t by a token drawn uniformly from the whole
     vocabulary (as the sampler's renoising does); given cells stay clean (pinned).
     Returns (canvas ids (B, 81), t (B,))."""
     b = len(solutions)
-    t = rng.random(b)
+    t = rng.random(b) ** noise_power
     clean = to_grid_ids(solutions)
     noise = rng.integers(0, VOCAB_SIZE, clean.shape)
     hit = (rng.random(clean.shape) < t[:, None]) & (puzzles == 0)

@@ -163,3 +163,46 @@ def plot_denoising(puzzle: Sequence[int], frames: list[dict], path: Path, title:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def trace_denoising(model_dir: str | Path, puzzle: Sequence[int], steps: int = 32, seed: int = 0,
+                    entropy_bound: float = 0.1, t_min: float = 0.4, t_max: float = 0.8,
+                    confidence: float = 0.005, stability: int = 1) -> list[dict]:
+    """Every step of one canvas: transformers' reference forward for the logits, our engine's
+    pure sampler functions (``dgserve.engine.sampler``) for the step, given cells pinned.
+    Returns frames with the canvas after the step, the accepted mask and the argmax canvas."""
+    import torch
+    from transformers import DiffusionGemmaForBlockDiffusion
+    from transformers.cache_utils import DynamicCache
+
+    from dgserve.engine.sampler import StepNoise, denoise_step, is_converged, temperature
+
+    from .tokenizer import VOCAB_SIZE
+
+    hf = DiffusionGemmaForBlockDiffusion.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(seed)
+    puz = np.asarray([puzzle], dtype=np.int64)
+    pinned = torch.from_numpy(puz != 0)
+    pin_ids = torch.from_numpy(data.to_grid_ids(puz))
+    canvas = torch.where(pinned, pin_ids, torch.randint(0, VOCAB_SIZE, pinned.shape, generator=g))
+    frames = [{"step": 0, "canvas": canvas[0].tolist(), "accepted": pinned[0].tolist()}]
+    history: list = []
+    with torch.no_grad():
+        cache = hf.model.encoder(input_ids=torch.from_numpy(data.to_prompt_ids(puz)),
+                                 cache=DynamicCache(config=hf.config.text_config)).cache
+        sc = None
+        for s in range(steps):
+            logits = hf(cache=cache, decoder_input_ids=canvas, self_conditioning_logits=sc).logits
+            temp = temperature(s, steps, t_min, t_max).reshape(1)
+            noise = StepNoise(torch.rand(canvas.shape, generator=g, dtype=torch.float64),
+                              torch.randint(0, VOCAB_SIZE, canvas.shape, generator=g))
+            res = denoise_step(logits, canvas, pinned, pin_ids, temp, torch.tensor([entropy_bound]), noise)
+            sc = logits / temp
+            canvas = res.canvas
+            frames.append({"step": s + 1, "canvas": canvas[0].tolist(), "accepted": res.accepted[0].tolist(),
+                           "argmax": res.argmax[0].tolist()})
+            done, history = is_converged(history, res.argmax[0], float(res.mean_entropy[0]), s + 1, steps,
+                                         stability, confidence)
+            if done:
+                break
+    return frames

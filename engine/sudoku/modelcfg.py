@@ -15,6 +15,9 @@ from .tokenizer import BOS, EOS, PAD, VOCAB_SIZE
 
 CANVAS = 81
 PROMPT_LEN = 82  # <bos> + 81 cells
+# RoPE has no learned positions, so the context is a config value; 4096 lets the local stack
+# (which promises 2048 tokens) serve this checkpoint. Training only ever sees positions < 163.
+MAX_POSITIONS = 4096
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,11 @@ class ModelSize:
     top_k: int = 2
     moe_intermediate: int = 128
     full_every: int = 3  # every 3rd layer full attention (and the last), the others sliding
+    # RoPE: theta 315 puts the second frequency at 2*pi/9 (one Sudoku row): cells of one column
+    # are 9k apart, so column and row structure are a phase away (theta**(-2/32) = 0.698 rad).
+    rope_theta: float = 315.0
+    full_rope_theta: float = 315.0
+    full_partial_rotary: float = 0.5
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -41,6 +49,12 @@ def layer_types(size: ModelSize) -> list[str]:
             for i in range(size.layers)]
 
 
+def rope_parameters(size: ModelSize) -> dict:
+    return {"sliding_attention": {"rope_type": "default", "rope_theta": size.rope_theta},
+            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": size.full_partial_rotary,
+                               "rope_theta": size.full_rope_theta}}
+
+
 def diffusion_config(size: ModelSize):
     from transformers import DiffusionGemmaConfig, DiffusionGemmaTextConfig, Gemma4VisionConfig
 
@@ -48,9 +62,10 @@ def diffusion_config(size: ModelSize):
         vocab_size=VOCAB_SIZE, hidden_size=size.hidden, intermediate_size=size.intermediate,
         num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.kv_heads,
         head_dim=size.head_dim, global_head_dim=size.head_dim, num_global_key_value_heads=size.kv_heads,
-        max_position_embeddings=512, sliding_window=256, layer_types=layer_types(size),
+        max_position_embeddings=MAX_POSITIONS, sliding_window=256, layer_types=layer_types(size),
         num_experts=size.experts, top_k_experts=size.top_k, moe_intermediate_size=size.moe_intermediate,
         pad_token_id=PAD, eos_token_id=EOS, bos_token_id=BOS, tie_word_embeddings=True,
+        rope_parameters=rope_parameters(size),
     )
     # The reference always builds a vision tower; a minimal one keeps the checkpoint small.
     vision = Gemma4VisionConfig(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=1,
@@ -70,16 +85,18 @@ def generation_config(max_denoising_steps: int = 32):
 
 
 def ar_config(size: ModelSize):
-    """A Gemma 3 causal LM of the same width and depth. Its dense MLP gets the intermediate
-    size that matches the diffusion layer's dense MLP plus its *active* experts, so one token
-    costs the same FLOPs in both models."""
+    """A Gemma 3 causal LM of the same width, depth, heads and RoPE. Its dense MLP is as wide
+    as the diffusion layer's dense MLP plus *all* its experts, so both models hold about the
+    same number of parameters (the twin spends more FLOPs per token than the MoE's top-k)."""
     from transformers import Gemma3TextConfig
 
     return Gemma3TextConfig(
         vocab_size=VOCAB_SIZE, hidden_size=size.hidden,
-        intermediate_size=size.intermediate + size.top_k * size.moe_intermediate,
+        intermediate_size=size.intermediate + size.experts * size.moe_intermediate,
         num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.kv_heads,
-        head_dim=size.head_dim, max_position_embeddings=512, sliding_window=256,
+        head_dim=size.head_dim, max_position_embeddings=MAX_POSITIONS, sliding_window=256,
         layer_types=layer_types(size), pad_token_id=PAD, eos_token_id=EOS, bos_token_id=BOS,
         tie_word_embeddings=True, query_pre_attn_scalar=size.head_dim,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": size.rope_theta},
+                         "full_attention": {"rope_type": "default", "rope_theta": size.full_rope_theta}},
     )

@@ -40,6 +40,15 @@ def ids_grid(ids: Sequence[int]) -> tuple[int, ...]:
     return tuple(token_digit(int(t)) for t in ids)
 
 
+# A chat turn carries a puzzle: the template turns the last user message into the prompt
+# (<bos> + 81 cells, '0' read as a blank, whitespace dropped), so chat clients work too.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' and loop.last %}"
+    "{{ m['content'] | replace('0', '.') | replace(' ', '') | replace('\\n', '') | replace('\\t', '') }}"
+    "{% endif %}{% endfor %}"
+)
+
+
 def build_tokenizer():
     """A ``PreTrainedTokenizerFast`` over the 16-symbol vocabulary, one token per character."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -51,6 +60,7 @@ def build_tokenizer():
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
                                    pad_token="<pad>", unk_token="<unk>", sep_token="<sep>")
     fast.add_bos_token = False
+    fast.chat_template = CHAT_TEMPLATE
     return fast
 
 

@@ -40,20 +40,28 @@ class TrainConfig:
     kind: str = "diffusion"  # or "ar"
     out: str = ".dgserve/sudoku/diffusion"
     data_dir: str = ".dgserve/sudoku/data"
-    steps: int = 3000
-    minutes: float = 60.0  # hard wall-clock cap (stops early, keeps the last checkpoint)
-    batch: int = 32
+    steps: int = 4200
+    minutes: float = 62.0  # hard wall-clock cap (stops early, keeps the last checkpoint)
+    batch: int = 8
     lr: float = 2e-3
     warmup: int = 150
     weight_decay: float = 0.01
     min_blanks: int = 20
     max_blanks: int = 64
     self_cond_prob: float = 0.5
+    noise_power: float = 1.0  # t = u ** noise_power
+    # Auxiliary probes (training only, dropped from the checkpoint): a linear read-out of each
+    # token's (row, column, box) after layer ``aux_pos_layer`` and of each cell's candidate
+    # digits (those no given peer holds) after layer ``aux_cand_layer``. Weight 0 disables.
+    aux_pos_weight: float = 0.5
+    aux_pos_layer: int = 1
+    aux_cand_weight: float = 1.0
+    aux_cand_layer: int = 3
     t_min: float = 0.4
     t_max: float = 0.8
     seed: int = 0
     threads: int = 1
-    eval_every: int = 250
+    eval_every: int = 400
     save_every: int = 500
     size: ModelSize = field(default_factory=ModelSize)
 
@@ -66,6 +74,75 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 # --- the two objectives -------------------------------------------------------------------
+
+CELL_ROW = np.arange(81) // 9
+CELL_COL = np.arange(81) % 9
+CELL_BOX = (np.arange(81) // 27) * 3 + (np.arange(81) % 9) // 3
+
+
+def candidates(puz: np.ndarray) -> np.ndarray:
+    """(B, 81) digits -> (B, 81, 9) float: digit d+1 allowed in a blank cell (no given peer holds
+    it); a given cell's only candidate is its own digit."""
+    onehot = np.eye(10, dtype=bool)[puz][..., 1:]  # (B, 81, 9)
+    b = len(puz)
+    rows = onehot.reshape(b, 9, 9, 9).any(2)  # (B, row, digit)
+    cols = onehot.reshape(b, 9, 9, 9).any(1)  # (B, col, digit)
+    boxes = np.zeros((b, 9, 9), bool)
+    for k in range(9):
+        boxes[:, k] = onehot[:, CELL_BOX == k].any(1)
+    used = rows[:, CELL_ROW] | cols[:, CELL_COL] | boxes[:, CELL_BOX]  # (B, 81, 9)
+    return np.where((puz != 0)[..., None], onehot, ~used).astype(np.float32)
+
+
+class AuxProbes(torch.nn.Module):
+    """Linear probes on intermediate hidden states, fed by forward hooks on the shared layers
+    (encoder and decoder run the same weights, so both modes are probed)."""
+
+    def __init__(self, model, cfg: TrainConfig):
+        super().__init__()
+        h = cfg.size.hidden
+        self.cfg = cfg
+        self.pos = torch.nn.Linear(h, 27)
+        self.cand = torch.nn.Linear(h, 9)
+        self.captured: dict[str, torch.Tensor] = {}
+        if cfg.kind == "diffusion":
+            # decoder: canvas token i is cell i; encoder: prompt token i + 1 is cell i
+            stacks = (("dec", model.model.decoder.layers), ("enc", model.model.encoder.language_model.layers))
+            self.slices = {"dec": ("dec", slice(0, 81), slice(0, 81)), "enc": ("enc", slice(1, 82), slice(0, 81))}
+        else:
+            # one causal stack over <bos> puzzle solution[:-1]: token i + 1 reads cell i of the puzzle
+            # (cells 0..79; token 81 is both the last puzzle cell and the one predicting cell 0),
+            # token 81 + i predicts solution cell i
+            stacks = (("dec", model.model.layers),)
+            self.slices = {"sol": ("dec", slice(81, 162), slice(0, 81)), "puz": ("dec", slice(1, 81), slice(0, 80))}
+        for mode, layers in stacks:
+            for name, idx in (("pos", cfg.aux_pos_layer), ("cand", cfg.aux_cand_layer)):
+                layers[idx].register_forward_hook(self._hook(f"{mode}_{name}"))
+
+    def _hook(self, key: str):
+        def hook(module, args, output):
+            if self.training:
+                self.captured[key] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    def loss(self, puz: np.ndarray) -> torch.Tensor:
+        pos_t = torch.from_numpy(np.stack([CELL_ROW, 9 + CELL_COL, 18 + CELL_BOX]))  # (3, 81)
+        cand_t = torch.from_numpy(candidates(puz))  # (B, 81, 9)
+        total = torch.zeros(())
+        for mode, tokens, cells in self.slices.values():
+            if self.cfg.aux_pos_weight:
+                logits = self.pos(self.captured[f"{mode}_pos"][:, tokens])  # (B, n, 27)
+                for k in range(3):
+                    part = logits[..., 9 * k: 9 * k + 9].reshape(-1, 9)
+                    target = (pos_t[k, cells] - 9 * k).repeat(len(puz))
+                    total = total + self.cfg.aux_pos_weight * F.cross_entropy(part, target) / 3
+            if self.cfg.aux_cand_weight:
+                logits = self.cand(self.captured[f"{mode}_cand"][:, tokens])  # (B, n, 9)
+                total = total + self.cfg.aux_cand_weight * F.binary_cross_entropy_with_logits(
+                    logits, cand_t[:, cells])
+        self.captured.clear()
+        return total
+
 
 def build_model(cfg: TrainConfig) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)
@@ -94,32 +171,46 @@ def diffusion_logits(model, prompt: torch.Tensor, canvas: torch.Tensor, sc_logit
     return out.logits, cache
 
 
-def diffusion_step_loss(model, cfg: TrainConfig, puz: np.ndarray, sol: np.ndarray, rng: np.random.Generator):
+def diffusion_step_loss(model, cfg: TrainConfig, puz: np.ndarray, sol: np.ndarray, rng: np.random.Generator,
+                        probes: AuxProbes | None = None):
     from transformers.cache_utils import DynamicCache
 
     prompt = torch.from_numpy(data.to_prompt_ids(puz))
-    canvas_np, _ = data.corrupt(sol, puz, rng)
+    canvas_np, _ = data.corrupt(sol, puz, rng, cfg.noise_power)
     canvas = torch.from_numpy(canvas_np)
     target = torch.from_numpy(data.to_grid_ids(sol))
     cache = model.model.encoder(input_ids=prompt, cache=DynamicCache(config=model.config.text_config)).cache
+    enc_pos = enc_cand = None
+    if probes is not None:
+        enc_pos, enc_cand = probes.captured.get("enc_pos"), probes.captured.get("enc_cand")
     sc = None
     if rng.random() < cfg.self_cond_prob:
         with torch.no_grad():
             first, _ = diffusion_logits(model, prompt, canvas, cache=cache)
         temp = torch.from_numpy(rng.uniform(cfg.t_min, cfg.t_max, (len(puz), 1, 1))).float()
         sc = first / temp
+    if probes is not None:
+        probes.captured.clear()  # keep the gradient-carrying passes only (encoder + second decoder pass)
+        probes.captured["enc_pos"], probes.captured["enc_cand"] = enc_pos, enc_cand
     logits, _ = diffusion_logits(model, prompt, canvas, sc, cache=cache)
     loss = F.cross_entropy(logits.reshape(-1, VOCAB_SIZE), target.reshape(-1))
+    if probes is not None:
+        loss = loss + probes.loss(puz)
     blank = torch.from_numpy(puz == 0)
     acc = (logits.argmax(-1) == target)[blank].float().mean().item()
     return loss, acc
 
 
-def ar_step_loss(model, cfg: TrainConfig, puz: np.ndarray, sol: np.ndarray, rng: np.random.Generator):
+def ar_step_loss(model, cfg: TrainConfig, puz: np.ndarray, sol: np.ndarray, rng: np.random.Generator,
+                 probes=None):
     ids = torch.from_numpy(np.concatenate([data.to_prompt_ids(puz), data.to_grid_ids(sol)], axis=1))  # (B, 163)
+    if probes is not None:
+        probes.captured.clear()
     logits = model(input_ids=ids[:, :-1]).logits[:, -CANVAS:]  # predictions of the 81 solution tokens
     target = ids[:, -CANVAS:]
     loss = F.cross_entropy(logits.reshape(-1, VOCAB_SIZE), target.reshape(-1))
+    if probes is not None:
+        loss = loss + probes.loss(puz)
     blank = torch.from_numpy(puz == 0)
     acc = (logits.argmax(-1) == target)[blank].float().mean().item()
     return loss, acc
@@ -173,8 +264,13 @@ def train(cfg: TrainConfig) -> Path:
     model = build_model(cfg)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    probes = None
+    if cfg.aux_pos_weight or cfg.aux_cand_weight:
+        probes = AuxProbes(model, cfg)
+        probes.train()
+    params = list(model.named_parameters()) + (list(probes.named_parameters()) if probes is not None else [])
+    decay = [p for n, p in params if p.ndim >= 2]
+    no_decay = [p for n, p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
     step_loss = diffusion_step_loss if cfg.kind == "diffusion" else ar_step_loss
@@ -191,7 +287,7 @@ def train(cfg: TrainConfig) -> Path:
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step)
         puz, sol = data.sample_batch(carvings, cfg.batch, rng, cfg.min_blanks, cfg.max_blanks)
-        loss, acc = step_loss(model, cfg, puz, sol, obj_rng)
+        loss, acc = step_loss(model, cfg, puz, sol, obj_rng, probes)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
