@@ -98,6 +98,8 @@ class Engine:
             tensor_parallel_size=self.config.tensor_parallel_size,
             kv_bytes_per_token=self.context.kv_bytes_per_token, kv_cache_bytes=self.cache.nbytes,
             decoder_sliding_mode=self.config.decoder_sliding_window,
+            default_max_new_tokens=self.defaults.max_new_tokens,
+            default_max_denoising_steps=self.defaults.max_denoising_steps,
         )
 
     def _detokenize(self, ids: list[int]) -> str:

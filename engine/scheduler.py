@@ -127,6 +127,7 @@ class Scheduler:
         canvas = torch.where(mask, ids, canvas)
         seq.canvas, seq.pin_mask, seq.pin_ids = (t.to(self.device) for t in (canvas, mask, ids))
         seq.soft, seq.steps, seq.history, seq.accepted = None, 0, [], []
+        seq.canvas_started_at = time.time()
 
     def postprocess(self, plan: list[Scheduled], outputs: dict[str, CanvasOutput]) -> list[Event]:
         events: list[Event] = []
@@ -150,6 +151,7 @@ class Scheduler:
         seq.accepted.append(out.accepted)
         done, seq.history = is_converged(seq.history, out.argmax, out.mean_entropy, seq.steps,
                                          p.max_denoising_steps, p.stability_threshold, p.confidence_threshold)
+        converged_by = "step_cap" if seq.steps >= p.max_denoising_steps else "stable"
         events: list[Event] = []
         if seq.request.stream_drafts:
             events.append(DraftEvent(seq.request_id, seq.canvas_index, seq.steps, out.accepted,
@@ -167,7 +169,9 @@ class Scheduler:
         text = self.detokenize(seq.output)
         delta = text[len(seq.text):] if text.startswith(seq.text) else text
         seq.text = text
-        event = CanvasEvent(seq.request_id, seq.canvas_index, tuple(tokens), delta, seq.steps, tuple(seq.accepted))
+        event = CanvasEvent(seq.request_id, seq.canvas_index, tuple(tokens), delta, seq.steps, tuple(seq.accepted),
+                            converged_by=converged_by, mean_entropy=out.mean_entropy,
+                            started_at=seq.canvas_started_at, committed_at=time.time())
         if reason is None:
             seq.pending_commit = argmax  # the clean argmax canvas goes into the cache next step
             seq.canvas = seq.soft = None

@@ -60,6 +60,7 @@ class Sequence:
     # timing
     t_arrival: float = field(default_factory=time.perf_counter)
     t_first_canvas: float | None = None
+    canvas_started_at: float = 0.0  # wall clock, for trace spans
 
     @property
     def request_id(self) -> str:

@@ -25,8 +25,9 @@ class Tokenizer:
         except Exception as e:  # transformers raises many types for a bad tokenizer
             raise ModelLoadError(f"{path}: cannot load tokenizer ({type(e).__name__}: {e})") from e
 
-    def encode(self, text: str) -> list[int]:
-        return list(self.hf(text)["input_ids"])
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids; ``add_special_tokens=False`` leaves out BOS (for text that continues a prompt)."""
+        return list(self.hf(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=True)

@@ -95,6 +95,10 @@ class CanvasEvent:
     finished: bool = False
     finish_reason: FinishReason | None = None
     stats: GenerationStats | None = None
+    converged_by: Literal["stable", "step_cap"] = "step_cap"  # why the canvas committed
+    mean_entropy: float = 0.0  # of the last step (nats, non-pinned positions)
+    started_at: float = 0.0  # wall-clock (time.time()) of the canvas's first step ...
+    committed_at: float = 0.0  # ... and of its commit: for trace spans
 
 
 @dataclass(frozen=True)
@@ -125,3 +129,5 @@ class EngineInfo:
     kv_bytes_per_token: int
     kv_cache_bytes: int
     decoder_sliding_mode: str
+    default_max_new_tokens: int = 256  # the checkpoint's generation_config defaults
+    default_max_denoising_steps: int = 48

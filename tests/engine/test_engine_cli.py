@@ -43,3 +43,9 @@ def test_check_context_exit_codes(tiny_dir, capsys):
     assert main(["check-context", "--model", str(tiny_dir), "--context", "262144", "--device", "cpu"]) == 1
     err = capsys.readouterr().err
     assert "262144" in err and "4096" in err and "max_position_embeddings" in err
+
+
+def test_tokenizer_can_leave_out_bos(engine):
+    with_bos = engine.tokenizer.encode("abc")
+    assert with_bos[0] == 2 and engine.tokenizer.encode("abc", add_special_tokens=False) == with_bos[1:]
+    assert engine.info().default_max_new_tokens == 256 and engine.info().default_max_denoising_steps == 16

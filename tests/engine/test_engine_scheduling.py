@@ -84,6 +84,15 @@ def test_streaming_events_and_drafts(engine):
     assert not any(c.finished for c in canvases[:-1])
     assert sum(len(c.token_ids) for c in canvases) == 70 == canvases[-1].stats.completion_tokens
     assert len(drafts) == 12 and [d.step for d in drafts[:4]] == [1, 2, 3, 4]
+    assert all(c.converged_by == "step_cap" and c.started_at <= c.committed_at for c in canvases)
+
+
+def test_canvas_events_say_why_a_canvas_committed(engine):
+    engine.add_request(req("early", max_new_tokens=64, max_denoising_steps=8, confidence_threshold=100.0,
+                           stability_threshold=0))
+    canvases = [ev for batch in run_to_end(engine) for ev in batch if isinstance(ev, CanvasEvent)]
+    assert [(c.steps, c.converged_by) for c in canvases] == [(1, "stable"), (1, "stable")]
+    assert all(c.mean_entropy > 0 for c in canvases)
     assert "".join(c.text_delta for c in canvases) == engine.tokenizer.decode(
         [t for c in canvases for t in c.token_ids])
 
