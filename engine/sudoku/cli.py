@@ -57,7 +57,10 @@ def register(subparsers) -> None:
     p.add_argument("--ar-model", default=None, help="autoregressive twin checkpoint (skipped when absent)")
     p.add_argument("--n", type=int, default=1000, help="test puzzles per blank count")
     p.add_argument("--steps", default="32", help="denoising step caps, comma separated (first one is the main)")
-    p.add_argument("--sweep-blanks", type=int, default=40, help="blank count of the steps sweep")
+    p.add_argument("--sweep-blanks", type=int, default=40, help="blank count of the steps/entropy sweeps")
+    p.add_argument("--sweep-n", type=int, default=1000, help="puzzles in each sweep point")
+    p.add_argument("--record", action="store_true",
+                   help="store the solve rates in the checkpoint's dgserve_sudoku.json (read by the tests)")
     p.add_argument("--backend", choices=("engine", "reference"), default="engine")
     p.add_argument("--out", default="docs", help="where sudoku_results.json and the plots go")
     p.add_argument("--threads", type=int, default=1)
@@ -131,5 +134,5 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     steps = [int(s) for s in args.steps.split(",") if s.strip()]
     run_evaluation(model=args.model, ar_model=args.ar_model, n=args.n, steps=steps, sweep_blanks=args.sweep_blanks,
                    backend=args.backend, out=Path(args.out), threads=args.threads,
-                   data_dir=_sudoku_dir() / "data")
+                   data_dir=_sudoku_dir() / "data", sweep_n=args.sweep_n, record=args.record)
     return 0

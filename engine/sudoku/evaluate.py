@@ -31,6 +31,12 @@ def score(puzzles: np.ndarray, solutions: np.ndarray, results) -> dict:
     }
 
 
+def _default_dir() -> Path:
+    from .solve import default_checkpoint
+
+    return default_checkpoint()
+
+
 def _solver(backend: str, model: str | None, threads: int):
     from .solve import EngineSolver, ReferenceSolver
 
@@ -40,15 +46,18 @@ def _solver(backend: str, model: str | None, threads: int):
 
 
 def run_evaluation(model: str | None, ar_model: str | None, n: int, steps: Sequence[int], sweep_blanks: int,
-                   backend: str, out: Path, threads: int, data_dir: Path,
-                   entropy_bounds: Sequence[float] = (0.03, 0.1, 0.3, 1.0, 3.0)) -> dict:
-    """Solve rates at 30/40/50 blanks (diffusion with the first step cap, AR greedy), the step-cap
-    and entropy-bound sweeps at ``sweep_blanks``; writes ``sudoku_results.json`` and the plots."""
+                   backend: str, out: Path, threads: int, data_dir: Path, sweep_n: int = 1000,
+                   entropy_bounds: Sequence[float] = (0.03, 0.1, 0.3, 1.0, 3.0), record: bool = False) -> dict:
+    """Solve rates at 30/40/50 blanks (diffusion with the first step cap, AR greedy) on ``n``
+    puzzles each, the step-cap and entropy-bound sweeps on the first ``sweep_n`` puzzles at
+    ``sweep_blanks``; writes ``sudoku_results.json`` and the plot. ``record`` also stores the
+    solve rates in the checkpoint's ``dgserve_sudoku.json`` (the tests read them from there)."""
     from tqdm import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
     sets = {b: data.eval_set("test", b, n, data_dir) for b in data.EVAL_BLANKS}
     res: dict = {"machine": f"{platform.machine()} CPU, torch threads={threads}", "n_per_level": n,
+                 "sweep_n": sweep_n, "sweep_blanks": sweep_blanks,
                  "backend": backend, "diffusion": {}, "ar": {}, "steps_sweep": [], "entropy_sweep": []}
     solver = _solver(backend, model, threads)
     main = steps[0]
@@ -59,6 +68,7 @@ def run_evaluation(model: str | None, ar_model: str | None, n: int, steps: Seque
         r["max_denoising_steps"] = main
         res["diffusion"][str(b)] = r
     puz, sol = sets[sweep_blanks]
+    puz, sol = puz[:sweep_n], sol[:sweep_n]
     for s in tqdm(steps, desc="steps sweep"):
         r = score(puz, sol, solver.solve(list(puz), steps=s, seed=1000 + s))
         res["steps_sweep"].append({"max_denoising_steps": s, **r})
@@ -76,6 +86,21 @@ def run_evaluation(model: str | None, ar_model: str | None, n: int, steps: Seque
             res["ar"][str(b)] = r
     (out / "sudoku_results.json").write_text(json.dumps(res, indent=2) + "\n")
     plot_results(res, out / "sudoku_solve_rate.png")
+    picture_puzzle, picture_solution = sets[sweep_blanks][0][0], sets[sweep_blanks][1][0]
+    frames = trace_denoising(model or _default_dir(), [int(v) for v in picture_puzzle], steps=main, seed=0)
+    plot_denoising([int(v) for v in picture_puzzle], frames, out / "sudoku_denoising.png",
+                   title=f"One canvas, test puzzle 0 at {sweep_blanks} blanks, max_denoising_steps={main}: "
+                         "black = given (pinned), blue = accepted this step (red: wrong), grey = renoised",
+                   solution=[int(v) for v in picture_solution])
+    if record:
+        from .solve import default_checkpoint
+
+        meta_path = Path(model or default_checkpoint()) / "dgserve_sudoku.json"
+        meta = json.loads(meta_path.read_text())
+        meta.setdefault("evaluation", {})[backend] = {
+            k: {kk: v[kk] for kk in ("n", "solve_rate", "mean_steps", "max_denoising_steps")}
+            for k, v in res["diffusion"].items()}
+        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     return res
 
 
@@ -106,7 +131,7 @@ def plot_results(res: dict, path: Path) -> None:
     b2.plot([r["max_denoising_steps"] for r in sw], [r["mean_blank_cells_per_step"] for r in sw], "s--",
             color="tab:orange", label="blank cells / step")
     b2.set_ylabel("blank cells committed per step", color="tab:orange")
-    b.set_title("Step cap sweep (40 blanks)")
+    b.set_title(f"Step cap sweep ({res['sweep_blanks']} blanks, {res['sweep_n']} puzzles)")
     es = res["entropy_sweep"]
     c.plot([r["mean_blank_cells_per_step"] for r in es], [100 * r["solve_rate"] for r in es], "o-")
     for r in es:
@@ -115,16 +140,18 @@ def plot_results(res: dict, path: Path) -> None:
     c.set_xlabel("blank cells committed per denoising step (mean)")
     c.set_ylabel("solved (%)")
     c.set_ylim(0, 100)
-    c.set_title("Entropy-bound sweep (40 blanks)")
+    c.set_title(f"Entropy-bound sweep ({res['sweep_blanks']} blanks, {res['sweep_n']} puzzles)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def plot_denoising(puzzle: Sequence[int], frames: list[dict], path: Path, title: str = "") -> None:
+def plot_denoising(puzzle: Sequence[int], frames: list[dict], path: Path, title: str = "",
+                   solution: Sequence[int] | None = None) -> None:
     """One canvas step by step. ``frames``: dicts with ``canvas`` (81 token ids on the canvas
     after the step), ``accepted`` (81 bools) and ``step``. Given cells black, accepted cells
-    blue, renoised cells grey (their random token shown small)."""
+    blue (red when ``solution`` says the digit is wrong), renoised cells grey (their random
+    token shown small)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -151,7 +178,9 @@ def plot_denoising(puzzle: Sequence[int], frames: list[dict], path: Path, title:
                 ax.text(cc + 0.5, r + 0.55, tok, ha="center", va="center", fontsize=8, color="black",
                         weight="bold")
             elif fr["accepted"][i]:
-                ax.text(cc + 0.5, r + 0.55, tok, ha="center", va="center", fontsize=8, color="tab:blue")
+                wrong = solution is not None and int(fr["canvas"][i]) != data.DIGIT0 + int(solution[i])
+                ax.text(cc + 0.5, r + 0.55, tok, ha="center", va="center", fontsize=8,
+                        color="tab:red" if wrong else "tab:blue")
             else:
                 ax.add_patch(plt.Rectangle((cc, r), 1, 1, color="0.85", lw=0))
                 ax.text(cc + 0.5, r + 0.55, tok if len(tok) == 1 else "·", ha="center", va="center",

@@ -40,7 +40,7 @@ class TrainConfig:
     kind: str = "diffusion"  # or "ar"
     out: str = ".dgserve/sudoku/diffusion"
     data_dir: str = ".dgserve/sudoku/data"
-    steps: int = 4200
+    steps: int = 6500
     minutes: float = 62.0  # hard wall-clock cap (stops early, keeps the last checkpoint)
     batch: int = 8
     lr: float = 2e-3
