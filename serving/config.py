@@ -219,14 +219,23 @@ class RouterConfig(BaseModel):
 
 
 class TelemetryConfig(BaseModel):
-    """OpenTelemetry settings (carried now, used by the observability work)."""
+    """OpenTelemetry tracing (off unless an endpoint is set here or in ``OTEL_EXPORTER_OTLP_*``).
+
+    Where a field is None the standard ``OTEL_*`` variable decides (``serving/telemetry.py``
+    ``trace_settings``); metrics are always on (Ray's metrics agent exports them).
+    """
 
     model_config = _STRICT
 
-    otlp_endpoint: str | None = Field(default=None, description="OTLP/gRPC collector endpoint (host:port); None "
-                                      "exports nothing.")
-    sampling_ratio: float = Field(default=0.1, ge=0.0, le=1.0, description="Share of requests traced.")
-    service_name: str = Field(default="dgserve", description="OpenTelemetry service.name.")
+    otlp_endpoint: str | None = Field(default=None, description="OTLP/gRPC collector endpoint (host:port = "
+                                      "plaintext, http://host:port, https://host:port = TLS); None: "
+                                      "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT, and "
+                                      "without either nothing is traced.")
+    sampling_ratio: float | None = Field(default=None, ge=0.0, le=1.0, description="Share of new traces sampled "
+                                         "(a client's sampled trace is always continued; start-up spans are always "
+                                         "sampled); None: OTEL_TRACES_SAMPLER/OTEL_TRACES_SAMPLER_ARG, else 0.1.")
+    service_name: str | None = Field(default=None, description="OpenTelemetry service.name; None: "
+                                     "OTEL_SERVICE_NAME, else 'dgserve'.")
 
 
 class AppConfig(BaseModel):
@@ -241,7 +250,7 @@ class AppConfig(BaseModel):
     diffusion: DiffusionBackendConfig = Field(description="The block-diffusion replicas.")
     fallback: FallbackConfig = Field(default_factory=FallbackConfig, description="The autoregressive fallback.")
     router: RouterConfig = Field(default_factory=RouterConfig, description="The gRPC ingress and its routing policy.")
-    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig, description="Tracing settings.")
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig, description="Tracing (OpenTelemetry, OTLP/gRPC).")
 
     @model_validator(mode="after")
     def _context(self) -> AppConfig:

@@ -22,9 +22,13 @@ from typing import Any, Protocol
 from dgserve.engine.errors import ContextVerificationError, DGServeError, InvalidRequestError
 from dgserve.engine.types import CanvasEvent, DraftEvent, EngineInfo, GenerationRequest, SamplingParams
 
+from opentelemetry.trace import INVALID_SPAN
+
+from . import telemetry
 from .config import AppConfig
 from .errors import failure_code_name
 from .messages import BackendInfo, BackendRequest, Chunk, DraftProgress, Event, Failure, Final
+from .telemetry import ReplicaMetrics, Tracing
 
 log = logging.getLogger("dgserve.serving")
 
@@ -111,6 +115,8 @@ class DiffusionReplica:
     def __init__(self, config: dict[str, Any], engine_factory: str = DEFAULT_ENGINE_FACTORY) -> None:
         cfg = AppConfig.model_validate(config)
         self.promised = cfg.promised_context_length
+        self.replica = replica_id()
+        self._tracing = Tracing.from_config(cfg.telemetry, "diffusion", self.replica)
         engine_cfg = cfg.engine_config()
         factory = import_object(engine_factory)
         kwargs: dict[str, Any] = {}
@@ -121,18 +127,24 @@ class DiffusionReplica:
             params = inspect.signature(factory).parameters
             if "placement_group" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
                 kwargs["placement_group"] = self.placement_group
-        try:
-            self.engine: EngineProtocol = factory(engine_cfg, **kwargs)
-        except ContextVerificationError as e:
-            raise ContextVerificationError(
-                f"backend 'diffusion' (model {engine_cfg.model!r}) serves a context of {e.served} tokens, less than "
-                f"the promised {self.promised} (limited by {e.cause}): {e}",
-                requested=self.promised, served=e.served, cause=e.cause) from e
-        self._info = self.engine.info()
-        check_served_context("diffusion", self._info.model, self._info.served_context_length, self.promised)
-        self.replica = replica_id()
+        with telemetry.verifying_context(self._tracing, "diffusion", "diffusion", self.promised) as span:
+            try:
+                self.engine: EngineProtocol = factory(engine_cfg, **kwargs)  # the engine verifies its context
+            except ContextVerificationError as e:
+                raise ContextVerificationError(
+                    f"backend 'diffusion' (model {engine_cfg.model!r}) serves a context of {e.served} tokens, less "
+                    f"than the promised {self.promised} (limited by {e.cause}): {e}",
+                    requested=self.promised, served=e.served, cause=e.cause) from e
+            self._info = i = self.engine.info()
+            telemetry.set_attributes(span, {
+                "gen_ai.request.model": i.model, "dgserve.context.served": i.served_context_length,
+                "dgserve.context.requested": i.requested_context_length,
+                "dgserve.context.max_position_embeddings": i.max_position_embeddings,
+                "dgserve.kv_cache_bytes": i.kv_cache_bytes, "dgserve.max_batch": i.max_batch,
+                "dgserve.tensor_parallel_size": i.tensor_parallel_size, "dgserve.device": i.device})
+            check_served_context("diffusion", i.model, i.served_context_length, self.promised)
         self.stats = ReplicaStats()
-        self._metrics = _Metrics(self.replica)
+        self._metrics = ReplicaMetrics("DiffusionReplica")
         log.info("diffusion replica %s serves %s: context %d, batch cap %d", self.replica, self._info.model,
                  self._info.served_context_length, self._info.max_batch)
 
@@ -195,7 +207,9 @@ class DiffusionReplica:
     async def generate(self, req: BackendRequest) -> AsyncIterator[Event]:
         """Events of one request; a closed/cancelled stream aborts it in the engine at once."""
         in_flight = self.stats.admit()
-        self._metrics.in_flight(self.stats.in_flight)
+        self._metrics.admitted(in_flight)
+        span = self._span(req, in_flight) if self._tracing.enabled else INVALID_SPAN
+        outcome = ("CANCELLED", "stream closed before the request finished")
         start = time.perf_counter()
         first: float | None = None
         stream = None
@@ -203,7 +217,8 @@ class DiffusionReplica:
             try:
                 greq = self._to_engine_request(req)
             except DGServeError as e:
-                yield Failure(*failure_code_name(e))
+                outcome = failure_code_name(e)
+                yield Failure(*outcome)
                 return
             stream = self.engine.generate(greq)
             async for ev in stream:
@@ -213,26 +228,48 @@ class DiffusionReplica:
                     continue
                 if first is None:
                     first = time.perf_counter() - start
+                    self._metrics.first_canvas(first)
                 self.stats.canvas(ev.steps, len(ev.token_ids))
-                self._metrics.canvas(ev.steps, len(ev.token_ids))
+                self._metrics.canvas(ev.steps, len(ev.token_ids), ev.converged_by)
+                telemetry.canvas_span(self._tracing, span, ev)
                 if ev.token_ids or ev.text_delta:
                     yield Chunk(ev.canvas_index, ev.text_delta, tuple(ev.token_ids), ev.steps)
                 if ev.finished:
-                    yield self._final(ev, in_flight, first, start)
+                    final = self._final(ev, in_flight, first, start)
+                    if isinstance(final, Failure):
+                        outcome = (final.code, final.message)
+                    else:
+                        outcome = ("OK", "")
+                        telemetry.set_final(span, final)
+                    yield final
                     return
-            yield Failure("INTERNAL", f"engine stream for {req.request_id} ended without a final canvas")
+            outcome = ("INTERNAL", f"engine stream for {req.request_id} ended without a final canvas")
+            yield Failure(*outcome)
         except asyncio.CancelledError:
             raise
         except DGServeError as e:  # typed per-request errors (and EngineDeadError -> UNAVAILABLE)
-            yield Failure(*failure_code_name(e))
+            outcome = failure_code_name(e)
+            yield Failure(*outcome)
         except Exception as e:  # never leak a traceback to the client
             log.exception("request %s failed", req.request_id)
-            yield Failure(*failure_code_name(e))
+            outcome = failure_code_name(e)
+            yield Failure(*outcome)
         finally:
             if stream is not None:
                 await _aclose(stream)  # aborts the request in the engine and frees its slot
             self.stats.done()
-            self._metrics.in_flight(self.stats.in_flight)
+            self._metrics.released(self.stats.in_flight)
+            telemetry.end_span(span, *outcome, rpc=False)
+
+    def _span(self, req: BackendRequest, in_flight: int):
+        """The replica's span of one request, a child of the router's span (its context rides in the request)."""
+        span = self._tracing.start(f"{telemetry.operation_name(req)} {self._info.model}",
+                                   parent=req.trace_context or None)
+        telemetry.set_request(span, req)
+        telemetry.set_attributes(span, {"gen_ai.request.model": self._info.model, "dgserve.backend": "diffusion",
+                                        "dgserve.replica": self.replica, "dgserve.replica_in_flight": in_flight,
+                                        "dgserve.canvas_length": self._info.canvas_length})
+        return span
 
     def _final(self, ev: CanvasEvent, in_flight: int, first: float | None, start: float) -> Event:
         if ev.finish_reason not in ("stop", "length"):
@@ -291,28 +328,3 @@ async def _aclose(stream: Any) -> None:
             await aclose()
         except Exception:
             pass
-
-
-class _Metrics:
-    """Prometheus metrics (Ray's metrics agent exports them); no-ops outside Ray."""
-
-    def __init__(self, replica: str) -> None:
-        try:
-            from ray.serve.metrics import Counter, Gauge, Histogram
-
-            self._in_flight = Gauge("dgserve_replica_in_flight", description="Requests in flight on this replica.")
-            self._steps = Histogram("dgserve_steps_per_canvas", description="Denoising steps per committed canvas.",
-                                    boundaries=[1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128])
-            self._tokens = Counter("dgserve_generated_tokens_total", description="Tokens committed by this replica.")
-        except Exception:  # pragma: no cover - metrics are optional outside a Ray worker
-            self._in_flight = self._steps = self._tokens = None
-
-    def in_flight(self, n: int) -> None:
-        if self._in_flight is not None:
-            self._in_flight.set(n)
-
-    def canvas(self, steps: int, tokens: int) -> None:
-        if self._steps is not None:
-            self._steps.observe(steps)
-            if tokens:
-                self._tokens.inc(tokens)

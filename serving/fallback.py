@@ -38,10 +38,14 @@ from dgserve.engine.errors import (
     ModelLoadError,
 )
 
+from opentelemetry.trace import INVALID_SPAN
+
+from . import telemetry
 from .config import AppConfig, FallbackConfig
 from .diffusion import ReplicaStats, check_served_context, replica_id
 from .errors import failure_code_name
 from .messages import BackendInfo, BackendRequest, Chunk, Event, Failure, Final
+from .telemetry import ReplicaMetrics, Tracing
 
 log = logging.getLogger("dgserve.serving")
 
@@ -328,10 +332,16 @@ class AutoregressiveFallback:
     def __init__(self, config: dict[str, Any]) -> None:
         cfg = AppConfig.model_validate(config)
         fb = cfg.fallback
-        self.backend = OpenAIBackend(fb, cfg.promised_context_length) if fb.kind == "openai" \
-            else TransformersBackend(fb, cfg.promised_context_length)
         self.replica = replica_id()
+        self._tracing = Tracing.from_config(cfg.telemetry, "fallback", self.replica)
+        promised = cfg.promised_context_length
+        with telemetry.verifying_context(self._tracing, "fallback", "autoregressive", promised) as span:
+            self.backend = OpenAIBackend(fb, promised) if fb.kind == "openai" else TransformersBackend(fb, promised)
+            telemetry.set_attributes(span, {"gen_ai.request.model": self.backend.model_name,
+                                            "dgserve.context.served": self.backend.context_length,
+                                            "dgserve.fallback.kind": fb.kind})
         self.stats = ReplicaStats()
+        self._metrics = ReplicaMetrics("AutoregressiveFallback")
         log.info("fallback replica %s serves %s: context %d", self.replica, self.backend.model_name,
                  self.backend.context_length)
 
@@ -365,6 +375,9 @@ class AutoregressiveFallback:
 
     async def generate(self, req: BackendRequest) -> AsyncIterator[Event]:
         in_flight = self.stats.admit()
+        self._metrics.admitted(in_flight)
+        span = self._span(req, in_flight) if self._tracing.enabled else INVALID_SPAN
+        outcome = ("CANCELLED", "stream closed before the request finished")
         start = time.perf_counter()
         first: float | None = None
         n_tokens, index, prompt_tokens, reason = 0, 0, 0, None
@@ -375,7 +388,9 @@ class AutoregressiveFallback:
             async for piece in self.backend.generate(req):
                 if first is None:
                     first = time.perf_counter() - start
-                n_tokens += len(piece.token_ids) if piece.token_ids else (1 if piece.text else 0)
+                new = len(piece.token_ids) if piece.token_ids else (1 if piece.text else 0)
+                n_tokens += new
+                self._metrics.tokens(new)
                 prompt_tokens = piece.prompt_tokens or prompt_tokens
                 if piece.token_ids or piece.text:
                     self.stats.canvas(0, len(piece.token_ids))
@@ -385,15 +400,32 @@ class AutoregressiveFallback:
                     reason = piece.finish_reason
                     break
             seconds = time.perf_counter() - start
-            yield Final(finish_reason=reason or "stop", prompt_tokens=prompt_tokens, completion_tokens=n_tokens,
-                        model=self.backend.model_name, backend="autoregressive", replica=self.replica,
-                        replica_in_flight=in_flight, first_chunk_s=first or seconds, seconds=seconds)
+            final = Final(finish_reason=reason or "stop", prompt_tokens=prompt_tokens, completion_tokens=n_tokens,
+                          model=self.backend.model_name, backend="autoregressive", replica=self.replica,
+                          replica_in_flight=in_flight, first_chunk_s=first or seconds, seconds=seconds)
+            outcome = ("OK", "")
+            telemetry.set_final(span, final)
+            yield final
         except asyncio.CancelledError:
             raise
         except DGServeError as e:
-            yield Failure(*failure_code_name(e))
+            outcome = failure_code_name(e)
+            yield Failure(*outcome)
         except Exception as e:
             log.exception("fallback request %s failed", req.request_id)
-            yield Failure(*failure_code_name(e))
+            outcome = failure_code_name(e)
+            yield Failure(*outcome)
         finally:
             self.stats.done()
+            self._metrics.released(self.stats.in_flight)
+            telemetry.end_span(span, *outcome, rpc=False)
+
+    def _span(self, req: BackendRequest, in_flight: int):
+        """The fallback's span of one request, a child of the router's span."""
+        model = self.backend.model_name
+        span = self._tracing.start(f"{telemetry.operation_name(req)} {model}", parent=req.trace_context or None)
+        telemetry.set_request(span, req)
+        telemetry.set_attributes(span, {"gen_ai.request.model": model, "dgserve.backend": "autoregressive",
+                                        "dgserve.fallback.kind": self.backend.kind, "dgserve.replica": self.replica,
+                                        "dgserve.replica_in_flight": in_flight})
+        return span

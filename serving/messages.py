@@ -30,6 +30,7 @@ class BackendRequest:
     infill_prefix: str = ""
     infill_suffix: str = ""
     stream_drafts: bool = False
+    trace_context: tuple[tuple[str, str], ...] = ()  # W3C traceparent/tracestate of the router's span (if traced)
 
     @property
     def needs_diffusion(self) -> bool:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -29,15 +30,18 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2
+from opentelemetry.trace import INVALID_SPAN, Span
 
 from dgserve.engine.errors import ContextVerificationError
 from dgserve.v1 import dgserve_pb2 as pb
 
+from . import telemetry
 from .config import AppConfig
-from .diffusion import check_served_context
+from .diffusion import check_served_context, replica_id
 from .errors import ServingError, status_for
 from .messages import BackendInfo, BackendRequest, Chunk, DraftProgress, Failure, Final
 from .slots import Admission, QueueFullError, QueueTimeoutError
+from .telemetry import NO_TRACING, RouterMetrics, Tracing
 
 log = logging.getLogger("dgserve.serving")
 
@@ -109,10 +113,13 @@ class _Outcome:
     chunks: list[Chunk] = field(default_factory=list)
     final: Final | None = None
     queue_s: float = 0.0
+    backend: str = "none"  # the backend of the last slot taken
 
 
 class Router:
     """Serve ingress deployment class (decorated in ``app.py``)."""
+
+    _tracing: Tracing = NO_TRACING
 
     async def __init__(self, config: dict[str, Any], diffusion: Any, fallback: Any | None = None) -> None:
         self.cfg = AppConfig.model_validate(config)
@@ -125,7 +132,8 @@ class Router:
         self.replica_stats: dict[str, dict[str, dict[str, Any]]] = {b: {} for b in self.handles}
         self._actors: dict[str, Any] = {}
         self._app, self._routers = _replica_context()
-        self._metrics = _RouterMetrics()
+        self._metrics = RouterMetrics()
+        self._tracing = Tracing.from_config(self.cfg.telemetry, "router", replica_id())
         await self._verify_backends()
         await self.refresh()
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_forever())
@@ -135,14 +143,18 @@ class Router:
         promised = self.cfg.promised_context_length
         timeouts = {DIFFUSION: self.cfg.diffusion.startup_timeout_s, FALLBACK: self.cfg.fallback.startup_timeout_s}
         for name, handle in self.handles.items():
-            try:
-                info: BackendInfo = await asyncio.wait_for(handle.info.remote(), timeouts[name])
-            except TimeoutError as e:
-                raise ContextVerificationError(
-                    f"backend {name!r} did not report what it serves within {timeouts[name]}s",
-                    requested=promised, served=0, cause="startup_timeout") from e
-            check_served_context(name, info.model, info.served_context_length, promised)
+            with telemetry.verifying_context(self._tracing, "router", name, promised) as span:
+                try:
+                    info: BackendInfo = await asyncio.wait_for(handle.info.remote(), timeouts[name])
+                except TimeoutError as e:
+                    raise ContextVerificationError(
+                        f"backend {name!r} did not report what it serves within {timeouts[name]}s",
+                        requested=promised, served=0, cause="startup_timeout") from e
+                telemetry.set_attributes(span, {"gen_ai.request.model": info.model,
+                                                "dgserve.context.served": info.served_context_length})
+                check_served_context(name, info.model, info.served_context_length, promised)
             self.infos[name] = info
+        self._metrics.context(promised, {n: (i.model, i.served_context_length) for n, i in self.infos.items()})
         log.info("router: every backend serves at least the promised %d tokens: %s", promised,
                  {n: i.served_context_length for n, i in self.infos.items()})
 
@@ -157,7 +169,8 @@ class Router:
             self.replica_stats[backend] = stats
             slots = sum(int(s["max_batch"]) for s in stats.values() if s.get("healthy"))
             self.admission.set_capacity(backend, slots // self._routers)
-        self._metrics.queue(self.admission.waiting)
+        self._metrics.slots(self.admission.waiting, {b: (self.admission.capacity(b), self.admission.in_use(b))
+                                                     for b in self.handles})
 
     async def _stats(self, actor_name: str) -> dict[str, Any] | None:
         import ray
@@ -191,11 +204,12 @@ class Router:
     # -- gRPC: dgserve.v1.DGServe ---------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, grpc_context: Any) -> pb.GenerateResponse:
         arrived = time.perf_counter()
+        span = self._tracing.server_span("Generate", grpc_context)
+        out = _Outcome()
         try:
-            plan = plan_request(request, fallback=FALLBACK in self.handles, overflow=self.cfg.router.overflow)
-            out = _Outcome()
+            plan = self._plan(request, span, stream=False)
             for attempt in range(1 + RETRIES_ON_DEAD_REPLICA):
-                backend = await self._acquire(plan, out)
+                backend = await self._acquire(plan, out, span, attempt)
                 try:
                     events = await self._call_unary(backend, plan)
                 except Exception as e:
@@ -216,12 +230,16 @@ class Router:
             out.final = next((ev for ev in events if isinstance(ev, Final)), None)
             if out.final is None:
                 raise ServingError(grpc.StatusCode.INTERNAL, f"backend {backend} answered without a result")
-            self._metrics.done(backend, "OK", out.queue_s)
+            telemetry.set_final(span, out.final)
+            self._answered(span, out.backend, None, arrived)
             return self._response(plan, out, arrived)
         except Exception as e:
             self._set_status(grpc_context, e)
-            self._metrics.failed(e)
+            self._answered(span, out.backend, e, arrived)
             return pb.GenerateResponse()
+        except asyncio.CancelledError as e:  # client gone or deadline: counted, then let through
+            self._answered(span, out.backend, e, arrived)
+            raise
 
     async def _call_unary(self, backend: str, plan: Plan) -> list[Any]:
         call = self.handles[backend].generate_unary.remote(plan.request)
@@ -233,11 +251,13 @@ class Router:
 
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context: Any):
         arrived = time.perf_counter()
+        span = self._tracing.server_span("GenerateStream", grpc_context)
+        out = _Outcome()
+        answered = False
         try:
-            plan = plan_request(request, fallback=FALLBACK in self.handles, overflow=self.cfg.router.overflow)
+            plan = self._plan(request, span, stream=True)
             rid = plan.request.request_id
-            out = _Outcome()
-            async with contextlib.aclosing(self._run(plan, out)) as events:
+            async with contextlib.aclosing(self._run(plan, out, span)) as events:
                 async for backend, ev in events:
                     common = {"request_id": rid, "backend": BACKEND_ENUM[backend]}
                     if isinstance(ev, Chunk):
@@ -249,15 +269,22 @@ class Router:
                             token_ids=ev.token_ids, text=ev.text))
             f = out.final
             assert f is not None
-            self._metrics.done(f.backend, "OK", out.queue_s)
+            telemetry.set_final(span, f)
+            self._answered(span, f.backend, None, arrived)
+            answered = True
             yield pb.GenerateStreamResponse(
                 request_id=rid, backend=BACKEND_ENUM[f.backend], replica=f.replica, finished=True,
                 finish_reason=FINISH_ENUM[f.finish_reason], model=f.model, replica_in_flight=f.replica_in_flight,
                 **self._stats_fields(f, out, arrived))
         except Exception as e:
             self._set_status(grpc_context, e)
-            self._metrics.failed(e)
+            if not answered:
+                self._answered(span, out.backend, e, arrived)
             raise ServingStreamAbort(str(e)) from None  # in a stream the code only sticks when we raise
+        except BaseException:  # cancelled or closed (client gone): counted, then let through
+            if not answered:
+                self._answered(span, out.backend, asyncio.CancelledError(), arrived)
+            raise
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, grpc_context: Any) -> pb.ModelInfo:
         d = self.infos[DIFFUSION]
@@ -292,26 +319,76 @@ class Router:
         return health_pb2.HealthCheckResponse(status=status)
 
     # -- internals ------------------------------------------------------------------------------
-    async def _acquire(self, plan: Plan, out: _Outcome) -> str:
-        """A slot on one of the plan's backends (waiting in the queue if needed), or RESOURCE_EXHAUSTED."""
+    def _plan(self, request: pb.GenerateRequest, span: Span, *, stream: bool) -> Plan:
+        """Validate and plan; when traced, the request carries the router span's context to the backend."""
+        plan = plan_request(request, fallback=FALLBACK in self.handles, overflow=self.cfg.router.overflow)
+        if span.is_recording():
+            telemetry.set_request(span, plan.request, stream=stream)
+            telemetry.set_attributes(span, {"dgserve.routing.mode": pb.GenerateRequest.Routing.Name(request.routing)})
+        if self._tracing.enabled:
+            plan.request = dataclasses.replace(plan.request, trace_context=Tracing.carrier(span))
+        return plan
+
+    def _answered(self, span: Span, backend: str, exc: BaseException | None, arrived: float) -> None:
+        code, details = ("OK", "") if exc is None else (grpc_status(exc)[0].name, grpc_status(exc)[1])
+        self._metrics.answered(backend, code, time.perf_counter() - arrived)
+        telemetry.end_span(span, code, details)
+
+    async def _acquire(self, plan: Plan, out: _Outcome, span: Span = INVALID_SPAN, attempt: int = 0) -> str:
+        """A slot on one of the plan's backends (waiting in the queue if needed), or RESOURCE_EXHAUSTED.
+        Records the routing decision (queue wait, overflow) and, when traced, a ``dgserve.route`` span."""
         rc = self.cfg.router
         t0 = time.perf_counter()
+        route = self._tracing.start(telemetry.ROUTE_SPAN, parent=span) if span.is_recording() else INVALID_SPAN
+        if route.is_recording():
+            telemetry.set_attributes(route, self._route_attributes(plan, attempt))
+        routing = _routing_class(plan)
+        backend = self.admission.try_acquire(plan.backends)
+        waited = backend is None
         try:
-            backend = await self.admission.acquire(plan.backends, rc.queue_timeout_s)
-        except QueueFullError as e:
-            raise ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"no backend can take the request now: {e}; "
-                               f"retry after {rc.retry_after_s:g}s", retry_after_s=rc.retry_after_s) from None
-        except QueueTimeoutError as e:
-            raise ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"no backend could take the request: {e}; "
-                               f"retry after {rc.retry_after_s:g}s", retry_after_s=rc.retry_after_s) from None
-        out.queue_s += time.perf_counter() - t0
+            if backend is None:
+                backend = await self.admission.acquire(plan.backends, rc.queue_timeout_s)
+        except (QueueFullError, QueueTimeoutError, asyncio.CancelledError) as e:
+            waited_s = time.perf_counter() - t0
+            self._metrics.routed(routing=routing, waited_s=waited_s, overflow=False)
+            telemetry.set_attributes(route, {"dgserve.routing.queue_wait_s": waited_s})
+            if isinstance(e, asyncio.CancelledError):
+                telemetry.end_span(route, "CANCELLED", "cancelled while waiting for a slot")
+                raise
+            what = "can take the request now" if isinstance(e, QueueFullError) else "could take the request"
+            err = ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"no backend {what}: {e}; "
+                               f"retry after {rc.retry_after_s:g}s", retry_after_s=rc.retry_after_s)
+            telemetry.end_span(route, "RESOURCE_EXHAUSTED", str(err))
+            raise err from None
+        waited_s = time.perf_counter() - t0
+        overflow = backend != plan.backends[0]
+        self._metrics.routed(routing=routing, waited_s=waited_s, overflow=overflow)
+        if route.is_recording():
+            reason = "overflow" if overflow else "queue_wait" if waited else "capacity"
+            telemetry.set_attributes(route, {"dgserve.backend": backend, "dgserve.routing.reason": reason,
+                                             "dgserve.routing.queue_wait_s": waited_s})
+            telemetry.end_span(route)
+        out.queue_s += waited_s
+        out.backend = backend
         return backend
 
-    async def _run(self, plan: Plan, out: _Outcome):
+    def _route_attributes(self, plan: Plan, attempt: int) -> dict[str, Any]:
+        attrs: dict[str, Any] = {"dgserve.routing.candidates": plan.backends, "dgserve.routing.attempt": attempt,
+                                 "dgserve.routing.queued_before": self.admission.waiting}
+        if plan.request.pinned:
+            attrs["dgserve.routing.constraint"] = "pinned_positions"
+        elif plan.request.needs_diffusion:
+            attrs["dgserve.routing.constraint"] = "infill"
+        for b in plan.backends:
+            attrs[f"dgserve.routing.{b}.slots"] = self.admission.capacity(b)
+            attrs[f"dgserve.routing.{b}.slots_in_use"] = self.admission.in_use(b)
+        return attrs
+
+    async def _run(self, plan: Plan, out: _Outcome, span: Span = INVALID_SPAN):
         """Take a slot, stream the backend's events (Chunk / DraftProgress), keep the Final in ``out``.
         A replica that died before sending anything is retried once elsewhere."""
         for attempt in range(1 + RETRIES_ON_DEAD_REPLICA):
-            backend = await self._acquire(plan, out)
+            backend = await self._acquire(plan, out, span, attempt)
             gen = None
             finished = yielded = False
             retry = False
@@ -379,29 +456,6 @@ class Router:
             grpc_context.set_trailing_metadata([("retry-after-ms", ms), ("grpc-retry-pushback-ms", ms)])
 
 
-class _RouterMetrics:
-    """Prometheus metrics of the router (Ray's metrics agent exports them)."""
-
-    def __init__(self) -> None:
-        from ray.serve.metrics import Counter, Gauge, Histogram
-
-        self._requests = Counter("dgserve_router_requests_total", description="Requests answered, by backend "
-                                 "and gRPC status code.", tag_keys=("backend", "code"))
-        self._queue = Gauge("dgserve_router_queue_length", description="Requests waiting for a slot.")
-        self._wait = Histogram("dgserve_router_queue_seconds", description="Time requests waited for a slot.",
-                               boundaries=[0.001, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60])
-
-    def done(self, backend: str, code: str, queue_s: float) -> None:
-        self._requests.inc(tags={"backend": backend, "code": code})
-        self._wait.observe(queue_s)
-
-    def failed(self, exc: BaseException) -> None:
-        self._requests.inc(tags={"backend": "none", "code": grpc_status(exc)[0].name})
-
-    def queue(self, n: int) -> None:
-        self._queue.set(n)
-
-
 class ServingStreamAbort(Exception):
     """Raised after the status was set on a stream (Serve keeps the code only when the method raises)."""
 
@@ -430,6 +484,13 @@ def _replica_died(err: BaseException | Failure) -> bool:
     if isinstance(err, Failure):
         return err.code == grpc.StatusCode.UNAVAILABLE.name
     return grpc_status(err)[0] == grpc.StatusCode.UNAVAILABLE
+
+
+def _routing_class(plan: Plan) -> str:
+    """What a request may run on (the queue-wait metric's ``routing`` label)."""
+    if plan.backends == (FALLBACK,):
+        return "autoregressive_only"
+    return "any" if FALLBACK in plan.backends else "diffusion_only"
 
 
 def _replica_context() -> tuple[str, int]:
