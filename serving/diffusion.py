@@ -168,6 +168,7 @@ class DiffusionReplica:
 
     def record_routing_stats(self) -> dict[str, Any]:
         """Read by the router (through the replica actor) every ``router.capacity_refresh_s``."""
+        self._metrics.in_flight(self.stats.in_flight)  # keeps the gauge alive while idle
         return {
             "replica": self.replica,
             "healthy": self.healthy(),
@@ -258,7 +259,7 @@ class DiffusionReplica:
             if stream is not None:
                 await _aclose(stream)  # aborts the request in the engine and frees its slot
             self.stats.done()
-            self._metrics.released(self.stats.in_flight)
+            self._metrics.in_flight(self.stats.in_flight)
             telemetry.end_span(span, *outcome, rpc=False)
 
     def _span(self, req: BackendRequest, in_flight: int):

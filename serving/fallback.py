@@ -352,6 +352,7 @@ class AutoregressiveFallback:
         self.backend.check_health()
 
     def record_routing_stats(self) -> dict[str, Any]:
+        self._metrics.in_flight(self.stats.in_flight)  # keeps the gauge alive while idle
         try:
             self.backend.check_health()
             healthy = True
@@ -417,7 +418,7 @@ class AutoregressiveFallback:
             yield Failure(*outcome)
         finally:
             self.stats.done()
-            self._metrics.released(self.stats.in_flight)
+            self._metrics.in_flight(self.stats.in_flight)
             telemetry.end_span(span, *outcome, rpc=False)
 
     def _span(self, req: BackendRequest, in_flight: int):

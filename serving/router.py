@@ -169,8 +169,8 @@ class Router:
             self.replica_stats[backend] = stats
             slots = sum(int(s["max_batch"]) for s in stats.values() if s.get("healthy"))
             self.admission.set_capacity(backend, slots // self._routers)
-        self._metrics.slots(self.admission.waiting, {b: (self.admission.capacity(b), self.admission.in_use(b))
-                                                     for b in self.handles})
+        self._metrics.refresh(self.admission.waiting, {b: (self.admission.capacity(b), self.admission.in_use(b))
+                                                       for b in self.handles})
 
     async def _stats(self, actor_name: str) -> dict[str, Any] | None:
         import ray

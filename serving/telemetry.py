@@ -503,10 +503,12 @@ class _Metrics:
 
 
 class RouterMetrics(_Metrics):
-    """What the router records (its methods never raise)."""
+    """What the router records (its methods never raise). Ray drops a gauge that is not set again within
+    two export intervals, so the router re-sets its gauges on every capacity refresh."""
 
     def __init__(self) -> None:
-        super().__init__(m.name for m in METRICS if m.emitted_by == ROUTER)
+        super().__init__(m.name for m in METRICS if "Router" in m.emitted_by)
+        self._context: tuple[int, Mapping[str, tuple[str, int]]] | None = None
 
     @_quiet
     def routed(self, *, routing: str, waited_s: float, overflow: bool) -> None:
@@ -520,23 +522,27 @@ class RouterMetrics(_Metrics):
         self._observe("dgserve_router_request_seconds", seconds, backend=backend, code=code)
 
     @_quiet
-    def slots(self, waiting: int, slots: Mapping[str, tuple[int, int]]) -> None:
-        """Queue length and, per backend, (capacity, in use)."""
+    def refresh(self, waiting: int, slots: Mapping[str, tuple[int, int]]) -> None:
+        """Queue length, per backend (capacity, in use), and the verified context again."""
         self._set("dgserve_router_queue_length", waiting)
         for backend, (capacity, in_use) in slots.items():
             self._set("dgserve_router_slots", capacity, backend=backend)
             self._set("dgserve_router_slots_in_use", in_use, backend=backend)
+        if self._context is not None:
+            promised, served = self._context
+            self._set("dgserve_context_promised_tokens", promised)
+            for backend, (model, tokens) in served.items():
+                self._set("dgserve_context_served_tokens", tokens, backend=backend, model=model)
 
-    @_quiet
     def context(self, promised: int, served: Mapping[str, tuple[str, int]]) -> None:
-        """``served``: backend -> (model, served context length)."""
-        self._set("dgserve_context_promised_tokens", promised)
-        for backend, (model, tokens) in served.items():
-            self._set("dgserve_context_served_tokens", tokens, backend=backend, model=model)
+        """What start-up verified (``served``: backend -> (model, served context length)); exported from the
+        next refresh on."""
+        self._context = (promised, dict(served))
 
 
 class ReplicaMetrics(_Metrics):
-    """What a backend replica records (its methods never raise)."""
+    """What a backend replica records (its methods never raise). ``in_flight`` is re-set whenever the
+    router reads the replica's routing stats, so the gauge never lapses while the replica is idle."""
 
     def __init__(self, deployment: str) -> None:
         super().__init__(m.name for m in METRICS if deployment in m.emitted_by)
@@ -547,8 +553,8 @@ class ReplicaMetrics(_Metrics):
         self._observe("dgserve_replica_batch_size", in_flight)
 
     @_quiet
-    def released(self, in_flight: int) -> None:
-        self._set("dgserve_replica_in_flight", max(in_flight, 0))
+    def in_flight(self, n: int) -> None:
+        self._set("dgserve_replica_in_flight", max(n, 0))
 
     @_quiet
     def tokens(self, n: int) -> None:
