@@ -43,7 +43,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     client.add_argument("--drafts", action="store_true", help="with --stream: also show draft progress")
     client.add_argument("--routing", choices=ROUTINGS, default="any", help="backend preference (default: any)")
     client.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds (default: 120)")
+    client.add_argument("--traceparent", metavar="W3C", help="continue this W3C trace (00-<trace id>-<span id>-01): "
+                        "sent as gRPC metadata, the router's span becomes its child")
     gen.set_defaults(func=_dispatch_generate(local_func))
+
+    p = sub.add_parser("traces", help="receive OTLP/gRPC traces and print each one as a tree (no collector "
+                       "needed: point telemetry.otlp_endpoint or OTEL_EXPORTER_OTLP_ENDPOINT here)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=4317, help="port (default: 4317, the OTLP/gRPC port)")
+    p.add_argument("--settle", type=float, default=6.0, help="print a trace once no span of it arrived for this "
+                   "many seconds (spans are batched for up to 5 s; default: 6)")
+    p.set_defaults(func=cmd_traces)
 
     p = sub.add_parser("demo", help="start the local stack, send demo requests, shut down")
     p.add_argument("--port", type=int, default=None, help="gRPC port (default: a free one)")
@@ -132,17 +142,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from dgserve.serving.client import Client
 
     req = _request(args)
+    metadata = [("traceparent", args.traceparent)] if getattr(args, "traceparent", None) else []
     with Client(args.server) as client:
         try:
             if not args.stream:
-                resp = client.generate(req, timeout=args.timeout)
+                resp = client.generate(req, timeout=args.timeout, metadata=metadata)
                 if args.json:
                     print(json.dumps(MessageToDict(resp), indent=2))
                 else:
                     print(resp.text)
                     print(_summary(resp), file=sys.stderr)
                 return 0
-            for msg in client.stream(req, timeout=args.timeout):
+            for msg in client.stream(req, timeout=args.timeout, metadata=metadata):
                 kind = msg.WhichOneof("event")
                 if args.json:
                     print(json.dumps(MessageToDict(msg)), flush=True)
@@ -158,6 +169,41 @@ def cmd_generate(args: argparse.Namespace) -> int:
         except grpc.RpcError as e:
             print(f"dgserve generate: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
+
+
+# --- traces --------------------------------------------------------------------------------------
+
+def cmd_traces(args: argparse.Namespace) -> int:
+    from dgserve.serving.otlp_receiver import Receiver, format_trace
+
+    last_seen: dict[str, float] = {}
+    lock = threading.Lock()
+
+    def arrived(spans: list) -> None:
+        with lock:
+            for s in spans:
+                last_seen[s.trace_id] = time.monotonic()
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        receiver = Receiver(args.port, args.host, on_spans=arrived).start()
+    except RuntimeError as e:
+        print(f"dgserve traces: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 1
+    print(f"dgserve traces: OTLP/gRPC receiver on {receiver.endpoint}; Ctrl-C stops", file=sys.stderr, flush=True)
+    try:
+        while not stop.wait(0.5):
+            with lock:
+                settled = [t for t, at in last_seen.items() if time.monotonic() - at >= args.settle]
+                for t in settled:
+                    del last_seen[t]
+            for t in settled:
+                print(format_trace(receiver.trace(t)), flush=True)
+    finally:
+        receiver.stop()
+    return 0
 
 
 # --- demo ----------------------------------------------------------------------------------------

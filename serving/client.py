@@ -53,16 +53,19 @@ class Client:
     def close(self) -> None:
         self.channel.close()
 
-    def generate(self, request: pb.GenerateRequest, timeout: float | None = 60.0) -> pb.GenerateResponse:
-        return self.stub.Generate(request, timeout=timeout)
+    def generate(self, request: pb.GenerateRequest, timeout: float | None = 60.0,
+                 metadata: Sequence[tuple[str, str]] = ()) -> pb.GenerateResponse:
+        """``metadata``: e.g. ``[("traceparent", "00-<trace id>-<span id>-01")]`` to continue a trace."""
+        return self.stub.Generate(request, timeout=timeout, metadata=list(metadata) or None)
 
     def generate_with_call(self, request: pb.GenerateRequest, timeout: float | None = 60.0):
         """(response, call): the call carries trailing metadata (e.g. retry-after-ms)."""
         return self.stub.Generate.with_call(request, timeout=timeout)
 
-    def stream(self, request: pb.GenerateRequest, timeout: float | None = 60.0) -> Iterator[pb.GenerateStreamResponse]:
+    def stream(self, request: pb.GenerateRequest, timeout: float | None = 60.0,
+               metadata: Sequence[tuple[str, str]] = ()) -> Iterator[pb.GenerateStreamResponse]:
         """The streaming call itself (iterate it; ``.cancel()`` cancels it)."""
-        return self.stub.GenerateStream(request, timeout=timeout)
+        return self.stub.GenerateStream(request, timeout=timeout, metadata=list(metadata) or None)
 
     def info(self, timeout: float | None = 10.0) -> pb.ModelInfo:
         return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout)

@@ -123,7 +123,7 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
         return sorted((s for s in self.spans if s.trace_id == trace_id), key=lambda s: s.start_ns)
 
 
-SHOWN_ATTRIBUTES = ("dgserve.backend", "dgserve.routing.reason", "dgserve.routing.queue_wait_s",
+SHOWN_ATTRIBUTES = ("dgserve.component", "dgserve.backend", "dgserve.routing.reason", "dgserve.routing.queue_wait_s",
                     "gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens", "dgserve.canvas.steps",
                     "dgserve.canvas.converged_by", "dgserve.canvas.tokens", "dgserve.context.served",
                     "dgserve.context.promised", "dgserve.context.verified", "error.type")

@@ -169,12 +169,6 @@ def test_standalone_install_never_overlaps(helm):
     assert not any(g == "kopf.dev" for g, _, _ in rules(docs, "-cluster"))
 
 
-def test_grafana_flag_is_reserved(helm):
-    proc = subprocess.run([helm, "template", "x", str(CHART), "--set", "grafanaDashboard.enabled=true"],
-                          capture_output=True, text=True)
-    assert proc.returncode != 0 and "ships no Grafana dashboard" in proc.stderr
-
-
 def test_every_value_is_documented():
     values = (CHART / "values.yaml").read_text()
     readme = (CHART / "README.md").read_text()

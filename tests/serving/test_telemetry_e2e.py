@@ -139,8 +139,8 @@ def test_one_request_is_one_trace_router_replica_canvases(client, receiver, sent
 
 def test_client_traceparent_is_continued_through_a_stream(client, receiver, sent):
     tid, sid = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
-    call = client.stub.GenerateStream(make_request("Trace me", max_new_tokens=8, seed=2, request_id="traced-1"),
-                                      metadata=[("traceparent", f"00-{tid}-{sid}-01")], timeout=120)
+    call = client.stream(make_request("Trace me", max_new_tokens=8, seed=2, request_id="traced-1"),
+                         metadata=[("traceparent", f"00-{tid}-{sid}-01")], timeout=120)
     final = list(call)[-1]
     assert final.finished
     sent.answers[("diffusion", "OK")] += 1
