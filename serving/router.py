@@ -330,9 +330,9 @@ class Router:
         return plan
 
     def _answered(self, span: Span, backend: str, exc: BaseException | None, arrived: float) -> None:
-        code, details = ("OK", "") if exc is None else (grpc_status(exc)[0].name, grpc_status(exc)[1])
-        self._metrics.answered(backend, code, time.perf_counter() - arrived)
-        telemetry.end_span(span, code, details)
+        code, details = (grpc.StatusCode.OK, "") if exc is None else grpc_status(exc)
+        self._metrics.answered(backend, code.name, time.perf_counter() - arrived)
+        telemetry.end_span(span, code.name, details)
 
     async def _acquire(self, plan: Plan, out: _Outcome, span: Span = INVALID_SPAN, attempt: int = 0) -> str:
         """A slot on one of the plan's backends (waiting in the queue if needed), or RESOURCE_EXHAUSTED.
@@ -353,12 +353,12 @@ class Router:
             self._metrics.routed(routing=routing, waited_s=waited_s, overflow=False)
             telemetry.set_attributes(route, {"dgserve.routing.queue_wait_s": waited_s})
             if isinstance(e, asyncio.CancelledError):
-                telemetry.end_span(route, "CANCELLED", "cancelled while waiting for a slot")
+                telemetry.end_span(route, "CANCELLED", "cancelled while waiting for a slot", rpc=False)
                 raise
             what = "can take the request now" if isinstance(e, QueueFullError) else "could take the request"
             err = ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"no backend {what}: {e}; "
                                f"retry after {rc.retry_after_s:g}s", retry_after_s=rc.retry_after_s)
-            telemetry.end_span(route, "RESOURCE_EXHAUSTED", str(err))
+            telemetry.end_span(route, "RESOURCE_EXHAUSTED", str(err), rpc=False)
             raise err from None
         waited_s = time.perf_counter() - t0
         overflow = backend != plan.backends[0]
@@ -367,7 +367,7 @@ class Router:
             reason = "overflow" if overflow else "queue_wait" if waited else "capacity"
             telemetry.set_attributes(route, {"dgserve.backend": backend, "dgserve.routing.reason": reason,
                                              "dgserve.routing.queue_wait_s": waited_s})
-            telemetry.end_span(route)
+            telemetry.end_span(route, rpc=False)
         out.queue_s += waited_s
         out.backend = backend
         return backend

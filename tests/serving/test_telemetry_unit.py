@@ -3,6 +3,7 @@ and the real OTLP exporter delivering to a real in-process OTLP/gRPC receiver.""
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import re
 import time
@@ -15,9 +16,12 @@ from opentelemetry.trace import INVALID_SPAN
 from dgserve.engine.types import CanvasEvent
 from dgserve.operator.render import Owner, build_rayservice, parse_spec
 from dgserve.serving import diffusion, fallback, router, telemetry
+from dgserve.serving.client import make_request
 from dgserve.serving.config import AppConfig, TelemetryConfig
-from dgserve.serving.messages import BackendRequest, Final
+from dgserve.serving.messages import BackendRequest, Chunk, Final
 from dgserve.serving.otlp_receiver import Receiver, format_trace
+from dgserve.serving.router import DIFFUSION, Router
+from dgserve.serving.slots import Admission
 from dgserve.serving.telemetry import NO_TRACING, TraceSettings, Tracing, trace_settings
 
 OTEL_VARS = ("OTEL_SDK_DISABLED", "OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_ENDPOINT",
@@ -200,3 +204,93 @@ def test_metric_catalogue_follows_prometheus_naming():
         assert m.kind != "histogram" or list(m.boundaries) == sorted(m.boundaries)
         assert "replica" not in m.labels and "deployment" not in m.labels  # Serve adds those
     assert "ray_dgserve_canvas_steps_bucket" in telemetry.exported_series()
+
+
+# --- the router's spans, without Ray --------------------------------------------------------------
+
+class _GatedHandle:
+    """Stands in for a Serve DeploymentHandle (no Ray here): ``generate_unary.remote(req)`` records the
+    request and answers once ``gate`` is set."""
+
+    def __init__(self, gate: asyncio.Event) -> None:
+        self.gate, self.requests = gate, []
+        self.generate_unary = self
+
+    def remote(self, req):
+        self.requests.append(req)
+
+        async def answer():
+            await self.gate.wait()
+            return [Chunk(0, "hi", (5, 6), 4), Final(
+                finish_reason="length", prompt_tokens=3, completion_tokens=2, model="m", backend="diffusion",
+                replica="r1", replica_in_flight=1, first_chunk_s=0.01, seconds=0.02, steps_per_canvas=(4,),
+                tokens_per_step=0.5)]
+        return answer()
+
+
+class _Ctx:
+    def __init__(self, metadata=()):
+        self.metadata, self.code = list(metadata), None
+
+    def invocation_metadata(self):
+        return self.metadata
+
+    def set_code(self, code):
+        self.code = code
+
+    def set_details(self, details):
+        pass
+
+    def set_trailing_metadata(self, md):
+        pass
+
+
+class _RecordingMetrics:
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        return lambda *a, **k: self.calls.append((name, a, k))
+
+
+def _router(tracing, handle):
+    r = object.__new__(Router)  # no Serve context: wire the parts by hand
+    r.cfg = AppConfig.model_validate({"promised_context_length": 64, "diffusion": {"engine": {"model": "m"}},
+                                      "fallback": {"enabled": False}, "router": {"queue_size": 4}})
+    r.handles = {DIFFUSION: handle}
+    r.admission = Admission((DIFFUSION,), 4)
+    r.admission.set_capacity(DIFFUSION, 1)
+    r._metrics, r._tracing = _RecordingMetrics(), tracing
+    return r
+
+
+def test_router_traces_a_queued_request_and_propagates_its_context(receiver):
+    async def run(tracing):
+        gate = asyncio.Event()
+        handle = _GatedHandle(gate)
+        router = _router(tracing, handle)
+        first = asyncio.create_task(router.Generate(make_request("a", request_id="q-first"), _Ctx()))
+        await asyncio.sleep(0.05)
+        second = asyncio.create_task(router.Generate(make_request("b", request_id="q-second"), _Ctx()))
+        await asyncio.sleep(0.2)  # waits in the queue behind the first
+        gate.set()
+        await asyncio.gather(first, second)
+        return router, handle
+
+    tracing = _tracing(receiver, 1.0)
+    router, handle = asyncio.run(run(tracing))
+    tracing.flush()
+    assert all(dict(req.trace_context).get("traceparent") for req in handle.requests)
+    spans = receiver.wait_for(lambda s: (r := [x for x in s if x.attributes.get("dgserve.request_id") == "q-second"])
+                              and [x for x in s if x.trace_id == r[0].trace_id and x.name == telemetry.ROUTE_SPAN])
+    (route,) = spans
+    assert route.attributes["dgserve.routing.reason"] == "queue_wait"
+    assert route.attributes["dgserve.routing.queue_wait_s"] >= 0.15
+    assert route.attributes["dgserve.routing.queued_before"] == 0 and "rpc.grpc.status_code" not in route.attributes
+    waits = [k["waited_s"] for name, _, k in router._metrics.calls if name == "routed"]
+    assert len(waits) == 2 and waits[1] >= 0.15 > waits[0]
+    assert [a for name, a, _ in router._metrics.calls if name == "answered"][-1][:2] == ("diffusion", "OK")
+
+    # tracing off: nothing travels with the request
+    router, handle = asyncio.run(run(NO_TRACING))
+    assert [req.trace_context for req in handle.requests] == [(), ()]
