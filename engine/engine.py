@@ -100,6 +100,7 @@ class Engine:
             decoder_sliding_mode=self.config.decoder_sliding_window,
             default_max_new_tokens=self.defaults.max_new_tokens,
             default_max_denoising_steps=self.defaults.max_denoising_steps,
+            context_limits=dict(self.context.limits), context_binding_limit=self.context.cause,
         )
 
     def _detokenize(self, ids: list[int]) -> str:

@@ -131,3 +131,5 @@ class EngineInfo:
     decoder_sliding_mode: str
     default_max_new_tokens: int = 256  # the checkpoint's generation_config defaults
     default_max_denoising_steps: int = 48
+    context_limits: dict[str, int] = field(default_factory=dict)  # limit name -> tokens (start-up check)
+    context_binding_limit: str = ""  # the limit that bounds the served context

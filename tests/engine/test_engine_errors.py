@@ -233,6 +233,8 @@ def test_info_reports_what_is_served_and_the_kv_memory_matches_the_plan(tiny_dir
     eng = Engine(EngineConfig(model=str(tiny_dir), max_batch=3, context_length=700), progress=False)
     info = eng.info()
     assert (info.served_context_length, info.max_batch, info.canvas_length) == (700, 3, 32)
+    assert info.context_limits["max_position_embeddings"] == 4096 and info.context_limits["kv_memory"] > 700
+    assert info.context_binding_limit == "max_position_embeddings"  # of the largest servable context
     assert info.kv_cache_bytes == KVCache.plan_bytes(eng.model_config, 3, 700, 2048, 4)
     unset = Engine(EngineConfig(model=str(tiny_dir), max_batch=1), progress=False)
     assert unset.info().served_context_length == 4096  # the largest the config allows
