@@ -42,6 +42,13 @@ class EngineConfig(BaseModel):
         default="reference", description="Sliding layers in decoder mode: 'reference' (transformers/MLX: the canvas "
         "sees the last window-1 cached tokens and the whole canvas) or 'symmetric' (vLLM: |q-k| < window).")
     tensor_parallel_size: int = Field(default=1, ge=1, le=8, description="GPUs (or CPU ranks) one replica spans.")
+    max_denoising_steps: int | None = Field(default=None, ge=1, le=4096, description="Default step cap per canvas "
+                                            "for requests that set none (None: the checkpoint's generation_config).")
+    entropy_bound: float | None = Field(default=None, gt=0.0, le=1e6, description="Default entropy-bound budget "
+                                        "(None: the checkpoint's generation_config, published 0.1).")
+    confidence_threshold: float | None = Field(default=None, ge=0.0, le=1e6, description="Default mean entropy "
+                                               "under which a stable canvas commits early; 0 disables early stopping "
+                                               "(None: the checkpoint's generation_config).")
 
     @field_validator("tensor_parallel_size")
     @classmethod

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from pathlib import Path
 
@@ -59,7 +60,10 @@ class Engine:
             raise ConfigError(f"tensor_parallel_size {config.tensor_parallel_size} needs that many ranks: start the "
                               f"engine with dgserve.engine.parallel.launch(config) or under torchrun")
         self.model_config = cfg = ModelConfig.from_dir(path)
-        self.defaults = GenerationDefaults.from_dir(path, cfg.raw.get("text_config", cfg.raw))
+        defaults = GenerationDefaults.from_dir(path, cfg.raw.get("text_config", cfg.raw))
+        overrides = {k: getattr(config, k) for k in ("max_denoising_steps", "entropy_bound", "confidence_threshold")
+                     if getattr(config, k) is not None}
+        self.defaults = dataclasses.replace(defaults, **overrides)  # the app's defaults beat the checkpoint's
         if config.prefill_chunk_size < cfg.canvas_length:
             raise ConfigError(f"prefill_chunk_size {config.prefill_chunk_size} must be >= canvas_length "
                               f"{cfg.canvas_length} (a commit writes one canvas in one forward)")

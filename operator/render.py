@@ -89,9 +89,6 @@ def unsupported_settings(spec: DiffusionGemmaSpec) -> list[str]:
     out = []
     if spec.quantization not in DTYPES:
         out.append(f"quantization {spec.quantization!r} (the engine serves {sorted(DTYPES)} only)")
-    for field, value in spec.diffusion.model_dump(by_alias=True, exclude_none=True).items():
-        out.append(f"diffusion.{field} {value} (AppConfig has no per-app sampler defaults; the checkpoint's "
-                   "generation_config.json and per-request overrides apply)")
     return out
 
 
@@ -148,6 +145,10 @@ def build_app_config(spec: DiffusionGemmaSpec) -> AppConfig:
         device="auto",
         max_batch=spec.max_batch_per_replica,
         tensor_parallel_size=spec.tensor_parallel_size,
+        # sampler defaults of every request (unset: the checkpoint's generation_config.json)
+        max_denoising_steps=spec.diffusion.max_denoising_steps,
+        entropy_bound=spec.diffusion.entropy_bound,
+        confidence_threshold=spec.diffusion.confidence_threshold,
     )
     diffusion = DiffusionBackendConfig(
         engine=engine,

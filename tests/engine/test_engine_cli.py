@@ -49,3 +49,14 @@ def test_tokenizer_can_leave_out_bos(engine):
     with_bos = engine.tokenizer.encode("abc")
     assert with_bos[0] == 2 and engine.tokenizer.encode("abc", add_special_tokens=False) == with_bos[1:]
     assert engine.info().default_max_new_tokens == 256 and engine.info().default_max_denoising_steps == 16
+
+
+def test_engine_config_overrides_the_checkpoint_sampler_defaults(tiny_dir):
+    from dgserve.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
+
+    eng = Engine(EngineConfig(model=str(tiny_dir), max_batch=1, context_length=256, max_denoising_steps=3,
+                              confidence_threshold=0.0, entropy_bound=0.5), progress=False)
+    assert (eng.defaults.max_denoising_steps, eng.defaults.entropy_bound, eng.defaults.confidence_threshold) == (
+        3, 0.5, 0.0)
+    res = eng.generate_batch([GenerationRequest("d", (2, 3), SamplingParams(max_new_tokens=40))])[0]
+    assert set(res.stats.steps_per_canvas) == {3} and eng.info().default_max_denoising_steps == 3

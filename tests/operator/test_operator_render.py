@@ -134,11 +134,14 @@ def test_unsupported_quantization_is_refused_by_name(quantization):
         build_app_config(spec_of(quantization=quantization))
 
 
-@pytest.mark.parametrize("field, value", [("maxDenoisingSteps", 16), ("entropyBound", 0.2),
-                                          ("confidenceThreshold", 0.0)])
-def test_sampler_defaults_are_refused_not_dropped(field, value):
-    with pytest.raises(InvalidSpecError, match=f"diffusion.{field} {value}"):
-        build_app_config(spec_of(diffusion={field: value}))
+@pytest.mark.parametrize("field, attr, value", [("maxDenoisingSteps", "max_denoising_steps", 16),
+                                                ("entropyBound", "entropy_bound", 0.2),
+                                                ("confidenceThreshold", "confidence_threshold", 0.0)])
+def test_sampler_defaults_reach_the_engine(field, attr, value):
+    engine = build_app_config(spec_of(diffusion={field: value})).diffusion.engine
+    assert getattr(engine, attr) == value
+    unset = build_app_config(spec_of()).diffusion.engine
+    assert getattr(unset, attr) is None  # the checkpoint's generation_config.json applies
 
 
 # --- model sources -------------------------------------------------------------------------------
