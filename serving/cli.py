@@ -1,4 +1,5 @@
-"""Serving subcommands: ``serve`` (local mode), ``generate --server`` (gRPC client), ``demo``.
+"""Serving subcommands: ``serve`` (local mode), ``generate --server`` (gRPC client), ``demo``, ``front``
+(the TLS/auth front of Serve's gRPC proxy: the Kubernetes sidecar).
 
 ``generate`` is shared with the engine's in-process ``generate --model``: when the engine area
 registered it first, this adds the client options to that parser and answers when ``--server``
@@ -45,7 +46,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     client.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds (default: 120)")
     client.add_argument("--traceparent", metavar="W3C", help="continue this W3C trace (00-<trace id>-<span id>-01): "
                         "sent as gRPC metadata, the router's span becomes its child")
+    add_client_security_args(client)
     gen.set_defaults(func=_dispatch_generate(local_func))
+
+    p = sub.add_parser("front", help="run the gRPC front (TLS / mutual TLS, bearer token, limits) before Serve's "
+                       "gRPC proxy; the Kubernetes sidecar (docs/security.md)")
+    p.add_argument("--port", type=int, required=True, help="public port to listen on")
+    p.add_argument("--host", default="[::]", help="address to listen on (default: every interface)")
+    p.add_argument("--upstream", required=True, metavar="HOST:PORT", help="Serve's gRPC proxy")
+    p.add_argument("--tls-cert", metavar="FILE", help="PEM certificate chain (tls.crt)")
+    p.add_argument("--tls-key", metavar="FILE", help="PEM private key (tls.key)")
+    p.add_argument("--tls-client-ca", metavar="FILE", help="PEM CA bundle: mutual TLS, client certificates required")
+    p.add_argument("--tls-client-cert-optional", action="store_true",
+                   help="with --tls-client-ca: verify a client certificate only when one is presented")
+    p.add_argument("--allow-plaintext", action="store_true", help="serve without TLS (refused otherwise)")
+    p.add_argument("--token-file", metavar="FILE", help="accepted bearer token(s), one per line")
+    p.add_argument("--max-message-bytes", type=int, default=None, help="largest request message (default 4 MiB)")
+    p.add_argument("--max-concurrent-per-client", type=int, default=None,
+                   help="requests in flight per client (default 64; 0 = no cap)")
+    p.set_defaults(func=cmd_front)
 
     p = sub.add_parser("traces", help="receive OTLP/gRPC traces and print each one as a tree (no collector "
                        "needed: point telemetry.otlp_endpoint or OTEL_EXPORTER_OTLP_ENDPOINT here)")
@@ -85,8 +104,82 @@ def _load_config(path: Path | None, port: int | None):
     return cfg
 
 
+def add_client_security_args(group: Any) -> None:
+    """TLS and token options of every client command (generate, loadtest)."""
+    group.add_argument("--tls-ca", metavar="FILE", help="connect with TLS, trusting this PEM CA bundle")
+    group.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's CAs")
+    group.add_argument("--tls-cert", metavar="FILE", help="mutual TLS: this client's PEM certificate")
+    group.add_argument("--tls-key", metavar="FILE", help="mutual TLS: this client's PEM private key")
+    group.add_argument("--server-name", metavar="NAME", help="verify the server certificate against this name "
+                       "(default: the host of --server/--target)")
+    group.add_argument("--token-file", metavar="FILE", help="send the bearer token in this file "
+                       "(or set DGSERVE_TOKEN)")
+
+
+def client_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``Client(target, **client_kwargs(args))`` from the options of :func:`add_client_security_args`."""
+    import os
+
+    from dgserve.serving.security import channel_credentials
+
+    out: dict[str, Any] = {}
+    if args.tls or args.tls_ca or args.tls_cert:
+        out["credentials"] = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+    if args.server_name:
+        out["server_name"] = args.server_name
+    token = Path(args.token_file).read_text().strip().splitlines()[0] if args.token_file else \
+        os.environ.get("DGSERVE_TOKEN")
+    if token:
+        out["token"] = token.strip()
+    return out
+
+
+def cmd_front(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from dgserve.engine.errors import ConfigError
+    from dgserve.serving.config import LimitSettings, TLSSettings
+    from dgserve.serving.front import Front
+
+    limits: dict[str, Any] = {}
+    if args.max_message_bytes is not None:
+        limits["max_message_bytes"] = args.max_message_bytes
+    if args.max_concurrent_per_client is not None:
+        limits["max_concurrent_per_client"] = args.max_concurrent_per_client or None
+    try:
+        tls = None
+        if args.tls_cert or args.tls_key:
+            tls = TLSSettings(cert_file=args.tls_cert or "", key_file=args.tls_key or "",
+                              client_ca_file=args.tls_client_ca, require_client_cert=not args.tls_client_cert_optional)
+        front = Front(upstream=args.upstream, port=args.port, host=args.host, tls=tls,
+                      allow_plaintext=args.allow_plaintext, token_file=args.token_file,
+                      limits=LimitSettings(**limits))
+    except (ConfigError, ValueError) as e:
+        print(f"dgserve front: {e}", file=sys.stderr)
+        return 2
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        port = await front.start()
+        print(f"dgserve front: {front.transport} on {args.host}:{port} -> {args.upstream}", flush=True)
+        await stop.wait()
+        await front.stop(5.0)
+
+    try:
+        asyncio.run(run())
+    except OSError as e:
+        print(f"dgserve front: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    from dgserve.engine.errors import ConfigError
     from dgserve.serving import local
+    from dgserve.serving.security import endpoint_summary
 
     try:
         cfg = _load_config(args.config, args.port)
@@ -101,9 +194,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         with local.local_stack(cfg) as target:
             print(f"dgserve: serving dgserve.v1.DGServe and grpc.health.v1.Health on {target} "
                   f"(app {cfg.name!r}, promised context {cfg.promised_context_length}); Ctrl-C stops", flush=True)
+            print(f"dgserve: endpoint {endpoint_summary(cfg)}", file=sys.stderr, flush=True)
             stop.wait()
             print("dgserve: shutting down ...", file=sys.stderr)
-    except local.DeployError as e:
+    except (local.DeployError, ConfigError) as e:
         print(f"dgserve serve: {e}", file=sys.stderr)
         return 1
     return 0
@@ -143,7 +237,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     req = _request(args)
     metadata = [("traceparent", args.traceparent)] if getattr(args, "traceparent", None) else []
-    with Client(args.server) as client:
+    with Client(args.server, **client_kwargs(args)) as client:
         try:
             if not args.stream:
                 resp = client.generate(req, timeout=args.timeout, metadata=metadata)

@@ -36,13 +36,25 @@ def make_request(prompt: str | None = None, *, messages: Sequence[tuple[str, str
 
 
 class Client:
-    """``with Client("127.0.0.1:9000") as c: c.generate(make_request("hi"))``."""
+    """``with Client("127.0.0.1:9000") as c: c.generate(make_request("hi"))``.
 
-    def __init__(self, target: str) -> None:
+    ``credentials``: TLS (``dgserve.serving.security.channel_credentials``), None = plaintext;
+    ``token``: a bearer token sent with every call except the health check;
+    ``server_name``: the name to verify the server's certificate against (default: the target's host).
+    """
+
+    def __init__(self, target: str, *, credentials: grpc.ChannelCredentials | None = None,
+                 token: str | None = None, server_name: str | None = None) -> None:
         self.target = target
-        self.channel = grpc.insecure_channel(target)
+        options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+        self.channel = (grpc.secure_channel(target, credentials, options=options) if credentials is not None
+                        else grpc.insecure_channel(target))
+        self._auth = (("authorization", f"Bearer {token}"),) if token else ()
         self.stub = dgserve_pb2_grpc.DGServeStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+
+    def _md(self, metadata: Sequence[tuple[str, str]] = ()) -> list[tuple[str, str]] | None:
+        return [*self._auth, *metadata] or None
 
     def __enter__(self) -> Client:
         return self
@@ -56,19 +68,19 @@ class Client:
     def generate(self, request: pb.GenerateRequest, timeout: float | None = 60.0,
                  metadata: Sequence[tuple[str, str]] = ()) -> pb.GenerateResponse:
         """``metadata``: e.g. ``[("traceparent", "00-<trace id>-<span id>-01")]`` to continue a trace."""
-        return self.stub.Generate(request, timeout=timeout, metadata=list(metadata) or None)
+        return self.stub.Generate(request, timeout=timeout, metadata=self._md(metadata))
 
     def generate_with_call(self, request: pb.GenerateRequest, timeout: float | None = 60.0):
         """(response, call): the call carries trailing metadata (e.g. retry-after-ms)."""
-        return self.stub.Generate.with_call(request, timeout=timeout)
+        return self.stub.Generate.with_call(request, timeout=timeout, metadata=self._md())
 
     def stream(self, request: pb.GenerateRequest, timeout: float | None = 60.0,
                metadata: Sequence[tuple[str, str]] = ()) -> Iterator[pb.GenerateStreamResponse]:
         """The streaming call itself (iterate it; ``.cancel()`` cancels it)."""
-        return self.stub.GenerateStream(request, timeout=timeout, metadata=list(metadata) or None)
+        return self.stub.GenerateStream(request, timeout=timeout, metadata=self._md(metadata))
 
     def info(self, timeout: float | None = 10.0) -> pb.ModelInfo:
-        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout)
+        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout, metadata=self._md())
 
     def health(self, service: str = "", timeout: float | None = 5.0) -> str:
         resp = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)

@@ -196,8 +196,8 @@ class RouterConfig(BaseModel):
 
     model_config = _STRICT
 
-    grpc_port: int = Field(default=9000, ge=1, le=65535, description="Port of Serve's gRPC proxy (Serve-wide "
-                           "grpc_options.port).")
+    grpc_port: int = Field(default=9000, ge=1, le=65535, description="Public gRPC port: Serve's gRPC proxy "
+                           "(Serve-wide grpc_options.port), or the front when security.proxy_port is set.")
     num_replicas: int = Field(default=1, ge=1, description="Router replicas. Each holds an equal share of the "
                               "diffusion slots, so one router is exact and several are conservative.")
     actor_options: ActorOptions = Field(default_factory=ActorOptions, description="Resources of each router replica.")
@@ -238,6 +238,95 @@ class TelemetryConfig(BaseModel):
                                      "OTEL_SERVICE_NAME, else 'dgserve'.")
 
 
+class TLSSettings(BaseModel):
+    """TLS of the public gRPC endpoint (terminated by the front, ``serving/front.py``).
+
+    Files, not inline PEM: on Kubernetes they are a mounted ``kubernetes.io/tls`` Secret
+    (``tls.crt``, ``tls.key``, ``ca.crt``), re-read when they change (certificate rotation).
+    """
+
+    model_config = _STRICT
+
+    cert_file: str = Field(min_length=1, description="PEM certificate chain the endpoint presents (tls.crt).")
+    key_file: str = Field(min_length=1, description="PEM private key of cert_file (tls.key).")
+    client_ca_file: str | None = Field(default=None, description="PEM CA bundle (ca.crt). Set: mutual TLS, "
+                                       "client certificates are verified against it; None: server-side TLS only.")
+    require_client_cert: bool = Field(default=True, description="With client_ca_file: refuse clients without a "
+                                      "certificate signed by it (False: verify one only if presented).")
+
+
+class AuthSettings(BaseModel):
+    """Bearer-token authentication (metadata ``authorization: Bearer <token>``); the health check stays open."""
+
+    model_config = _STRICT
+
+    token_file: str = Field(min_length=1, description="File holding the accepted token(s), one per line (a mounted "
+                            "Secret key; two lines during a rotation). Re-read when it changes. The token itself "
+                            "never appears in the config. Checked by the front and again by the router.")
+
+
+class LimitSettings(BaseModel):
+    """Per-request and per-client limits (INVALID_ARGUMENT / RESOURCE_EXHAUSTED naming the limit)."""
+
+    model_config = _STRICT
+
+    max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=2**31 - 1, description="Largest request "
+                                   "message accepted (bytes); larger ones get RESOURCE_EXHAUSTED from gRPC itself. "
+                                   "Enforced by the front and by Serve's gRPC proxy in local mode.")
+    max_prompt_chars: int = Field(default=4 * 1024 * 1024, ge=1, description="Most characters of prompt, chat "
+                                  "messages and infill text together; more is INVALID_ARGUMENT (the token count is "
+                                  "checked against the backend's context separately: OUT_OF_RANGE).")
+    max_messages: int = Field(default=1024, ge=1, description="Most chat messages in one request.")
+    max_new_tokens: int | None = Field(default=None, ge=1, description="Largest max_new_tokens accepted; None: "
+                                       "only the serving backend's context bounds it (OUT_OF_RANGE).")
+    max_concurrent_per_client: int | None = Field(default=64, ge=1, description="Requests one client (its "
+                                                  "certificate's common name with mutual TLS, else its IP address) "
+                                                  "may have in flight through one front; the next gets "
+                                                  "RESOURCE_EXHAUSTED. None: no cap. Enforced by the front only.")
+
+
+class SecurityConfig(BaseModel):
+    """Transport security, authentication and limits of the public gRPC endpoint (``docs/security.md``).
+
+    Ray 2.60's Serve gRPC proxy serves plaintext only and takes no interceptors, so TLS, the
+    per-client cap and the message-size limit live in a small gRPC *front* (``serving/front.py``)
+    that listens on ``router.grpc_port`` and forwards to the proxy on ``proxy_port``; the token and
+    request limits are checked again by the router itself (they also hold for callers that reach
+    the proxy directly).
+    """
+
+    model_config = _STRICT
+
+    tls: TLSSettings | None = Field(default=None, description="TLS (mutual TLS with client_ca_file) on the public "
+                                    "port; needs proxy_port (the front terminates it).")
+    allow_plaintext: bool = Field(default=False, description="Serve without TLS. Plaintext is never the silent "
+                                  "default: an endpoint without tls refuses to start unless this is true.")
+    auth: AuthSettings | None = Field(default=None, description="Bearer-token authentication; None: none.")
+    limits: LimitSettings = Field(default_factory=LimitSettings, description="Message, prompt, max_new_tokens and "
+                                  "per-client concurrency limits.")
+    proxy_port: int | None = Field(default=None, ge=1, le=65535, description="Port of Serve's gRPC proxy when the "
+                                   "front listens on router.grpc_port; None: no front, the proxy itself listens on "
+                                   "router.grpc_port (plaintext).")
+    listen_host: str = Field(default="[::]", min_length=1, description="Address the front listens on ('[::]' every "
+                             "interface, '127.0.0.1' loopback only).")
+
+    @model_validator(mode="after")
+    def _front(self) -> SecurityConfig:
+        if self.tls is not None and self.proxy_port is None:
+            raise ValueError("security.tls needs security.proxy_port: the front terminates TLS on router.grpc_port "
+                             "and forwards to Serve's gRPC proxy on proxy_port")
+        return self
+
+    @property
+    def front(self) -> bool:
+        """Whether a front listens on the public port (and Serve's proxy on ``proxy_port``)."""
+        return self.proxy_port is not None
+
+    @property
+    def transport(self) -> str:
+        return "mtls" if self.tls is not None and self.tls.client_ca_file else "tls" if self.tls else "plaintext"
+
+
 class AppConfig(BaseModel):
     """The whole dgserve Serve application: backends, router, promised context, telemetry."""
 
@@ -251,6 +340,8 @@ class AppConfig(BaseModel):
     fallback: FallbackConfig = Field(default_factory=FallbackConfig, description="The autoregressive fallback.")
     router: RouterConfig = Field(default_factory=RouterConfig, description="The gRPC ingress and its routing policy.")
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig, description="Tracing (OpenTelemetry, OTLP/gRPC).")
+    security: SecurityConfig = Field(default_factory=SecurityConfig, description="TLS, authentication and limits of "
+                                     "the gRPC endpoint.")
 
     @model_validator(mode="after")
     def _context(self) -> AppConfig:
@@ -261,6 +352,9 @@ class AppConfig(BaseModel):
         fb = self.fallback.context_length
         if self.fallback.enabled and fb is not None and fb < promised:
             raise ValueError(f"fallback.context_length {fb} is below promised_context_length {promised}")
+        if self.security.proxy_port == self.router.grpc_port:
+            raise ValueError(f"security.proxy_port {self.security.proxy_port} equals router.grpc_port: the front "
+                             "and Serve's gRPC proxy need a port each")
         return self
 
     def engine_config(self) -> EngineConfig:
@@ -287,8 +381,12 @@ class AppConfig(BaseModel):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
     def serve_grpc_options(self) -> dict[str, Any]:
-        """Serve-wide ``grpc_options`` this app needs (port and servicer functions)."""
-        return self.router.serve_grpc_options()
+        """Serve-wide ``grpc_options`` this app needs (port and servicer functions); with a front, Serve's
+        proxy listens on ``security.proxy_port`` and the front on ``router.grpc_port``."""
+        opts = self.router.serve_grpc_options()
+        if self.security.proxy_port is not None:
+            opts["port"] = self.security.proxy_port
+        return opts
 
     def serve_application(self) -> dict[str, Any]:
         """One entry of a Serve config's ``applications`` list."""

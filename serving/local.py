@@ -5,7 +5,11 @@ off (``RAY_AUTH_MODE=disabled``), so nothing is written under ``~/.ray``. The de
 a tiny DiffusionGemma checkpoint (generated once into the state dir; a trained checkpoint shipped
 by the project replaces it when present) with the SmolLM2 fallback.
 
-Note: Ray 2.60's gRPC proxy listens on every interface (``[::]:port``); clients here use loopback.
+Local mode always puts the gRPC front (``serving/front.py``) on the public port: TLS when
+``security.tls`` is set, plaintext only when ``security.allow_plaintext`` is (the built-in default
+config allows it, on loopback), bearer tokens, message-size and per-client limits. Serve's gRPC proxy
+moves to ``security.proxy_port`` (a free port when unset). Note: Ray 2.60's gRPC proxy listens on
+every interface (``[::]:port``) whatever we do; the router checks the token again behind it.
 """
 
 from __future__ import annotations
@@ -47,12 +51,14 @@ def tiny_model_dir() -> Path:
 
 
 def default_config(port: int | None = None) -> AppConfig:
-    """The embedded default: tiny diffusion model (1 replica, batch cap 4) + SmolLM2 fallback."""
+    """The embedded default: tiny diffusion model (1 replica, batch cap 4) + SmolLM2 fallback, plaintext
+    explicitly allowed on loopback only."""
     cfg: dict[str, Any] = {
         "promised_context_length": LOCAL_PROMISED_CONTEXT,
         "diffusion": {"engine": {"model": str(tiny_model_dir()), "model_name": "tiny-diffusiongemma",
                                  "max_batch": 4, "device": "cpu"}},
         "fallback": {"kind": "smollm2", "max_batch": 8, "default_max_new_tokens": 64},
+        "security": {"allow_plaintext": True, "listen_host": "127.0.0.1"},
     }
     if port is not None:
         cfg["router"] = {"grpc_port": port}
@@ -76,11 +82,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_ray(num_cpus: int | None = None) -> None:
-    """A private local Ray (no dashboard, temp dir in the state dir, auth off)."""
+def start_ray(num_cpus: int | None = None, *, max_message_bytes: int | None = None) -> None:
+    """A private local Ray (no dashboard, temp dir in the state dir, auth off); ``max_message_bytes`` caps
+    the request size Serve's gRPC proxy accepts (Ray's default is 2 GiB)."""
     import ray
 
     os.environ["RAY_AUTH_MODE"] = "disabled"
+    if max_message_bytes is not None:
+        os.environ["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] = str(max_message_bytes)
     os.environ.setdefault("DGSERVE_STATE_DIR", str(state_dir()))  # replicas find the model cache there
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
     if ray.is_initialized():
@@ -165,15 +174,31 @@ def shutdown() -> None:
     ray.shutdown()
 
 
+def with_front(config: AppConfig) -> AppConfig:
+    """``config`` with a proxy port for the front (a free one when ``security.proxy_port`` is unset)."""
+    if config.security.proxy_port is not None:
+        return config
+    security = config.security.model_copy(update={"proxy_port": free_port()})
+    return config.model_copy(update={"security": security})
+
+
 @contextlib.contextmanager
 def local_stack(config: AppConfig, *, startup_timeout_s: float = 600.0, **build_kwargs: Any) -> Iterator[str]:
-    """Start Ray + Serve, deploy ``config``, yield ``"127.0.0.1:PORT"``; shut everything down on exit."""
-    start_ray()
+    """Start Ray + Serve behind the front, deploy ``config``, yield ``"127.0.0.1:PORT"`` (the front's port);
+    shut everything down on exit. Refuses plaintext that was not explicitly allowed before starting anything."""
+    from .front import Front, FrontThread
+    from .security import check_transport
+
+    check_transport(config.security)
+    config = with_front(config)
+    front = FrontThread(Front.from_config(config))  # reads its TLS and token files now: fails before Ray starts
+    start_ray(max_message_bytes=config.security.limits.max_message_bytes)
     try:
-        start_serve(config.router.grpc_port)
+        start_serve(config.serve_grpc_options()["port"])
         deploy(config, **build_kwargs)
-        target = f"127.0.0.1:{config.router.grpc_port}"
-        wait_healthy(target, timeout_s=startup_timeout_s)
-        yield target
+        wait_healthy(f"127.0.0.1:{config.security.proxy_port}", timeout_s=startup_timeout_s)
+        port = front.start()
+        yield f"127.0.0.1:{port}"
     finally:
+        front.stop()
         shutdown()

@@ -36,10 +36,11 @@ from dgserve.engine.errors import ContextVerificationError
 from dgserve.v1 import dgserve_pb2 as pb
 
 from . import telemetry
-from .config import AppConfig
+from .config import AppConfig, LimitSettings
 from .diffusion import check_served_context, replica_id
 from .errors import ServingError, status_for
 from .messages import BackendInfo, BackendRequest, Chunk, DraftProgress, Failure, Final
+from .security import TokenFile, check_request_limits, token_file
 from .slots import Admission, QueueFullError, QueueTimeoutError
 from .telemetry import NO_TRACING, RouterMetrics, Tracing
 
@@ -62,8 +63,10 @@ class Plan:
     may_wait: bool = True
 
 
-def plan_request(msg: pb.GenerateRequest, *, fallback: bool, overflow: bool) -> Plan:
-    """Validate a request and choose its backends (raises ServingError INVALID_ARGUMENT / FAILED_PRECONDITION)."""
+def plan_request(msg: pb.GenerateRequest, *, fallback: bool, overflow: bool,
+                 limits: LimitSettings | None = None) -> Plan:
+    """Validate a request and choose its backends (raises ServingError INVALID_ARGUMENT / FAILED_PRECONDITION).
+    ``limits``: the deployment's request limits (``security.limits``)."""
     def invalid(text: str) -> ServingError:
         return ServingError(grpc.StatusCode.INVALID_ARGUMENT, text)
 
@@ -71,6 +74,7 @@ def plan_request(msg: pb.GenerateRequest, *, fallback: bool, overflow: bool) -> 
         raise invalid("set either prompt or messages, not both")
     if not (msg.prompt or msg.messages or msg.infill.prefix):
         raise invalid("empty request: set prompt or messages")
+    check_request_limits(msg, limits or LimitSettings())
     for i, m in enumerate(msg.messages):
         if not m.role:
             raise invalid(f"messages[{i}].role is empty")
@@ -120,6 +124,7 @@ class Router:
     """Serve ingress deployment class (decorated in ``app.py``)."""
 
     _tracing: Tracing = NO_TRACING
+    _tokens: TokenFile | None = None  # security.auth: accepted bearer tokens
 
     async def __init__(self, config: dict[str, Any], diffusion: Any, fallback: Any | None = None) -> None:
         self.cfg = AppConfig.model_validate(config)
@@ -134,6 +139,7 @@ class Router:
         self._app, self._routers = _replica_context()
         self._metrics = RouterMetrics()
         self._tracing = Tracing.from_config(self.cfg.telemetry, "router", replica_id())
+        self._tokens = token_file(self.cfg.security)
         await self._verify_backends()
         await self.refresh()
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_forever())
@@ -207,6 +213,7 @@ class Router:
         span = self._tracing.server_span("Generate", grpc_context)
         out = _Outcome()
         try:
+            self._authorize(grpc_context)
             plan = self._plan(request, span, stream=False)
             for attempt in range(1 + RETRIES_ON_DEAD_REPLICA):
                 backend = await self._acquire(plan, out, span, attempt)
@@ -255,6 +262,7 @@ class Router:
         out = _Outcome()
         answered = False
         try:
+            self._authorize(grpc_context)
             plan = self._plan(request, span, stream=True)
             rid = plan.request.request_id
             async with contextlib.aclosing(self._run(plan, out, span)) as events:
@@ -287,6 +295,11 @@ class Router:
             raise
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, grpc_context: Any) -> pb.ModelInfo:
+        try:
+            self._authorize(grpc_context)
+        except ServingError as e:
+            self._set_status(grpc_context, e)
+            return pb.ModelInfo()
         d = self.infos[DIFFUSION]
         backends = []
         for name, info in self.infos.items():
@@ -319,9 +332,16 @@ class Router:
         return health_pb2.HealthCheckResponse(status=status)
 
     # -- internals ------------------------------------------------------------------------------
+    def _authorize(self, grpc_context: Any) -> None:
+        """With ``security.auth``: UNAUTHENTICATED unless the call carries an accepted bearer token (checked here
+        too, not only in the front, so a caller that reaches Serve's proxy directly still needs it)."""
+        if self._tokens is not None:
+            self._tokens.check(grpc_context.invocation_metadata())
+
     def _plan(self, request: pb.GenerateRequest, span: Span, *, stream: bool) -> Plan:
         """Validate and plan; when traced, the request carries the router span's context to the backend."""
-        plan = plan_request(request, fallback=FALLBACK in self.handles, overflow=self.cfg.router.overflow)
+        plan = plan_request(request, fallback=FALLBACK in self.handles, overflow=self.cfg.router.overflow,
+                            limits=self.cfg.security.limits)
         if span.is_recording():
             telemetry.set_request(span, plan.request, stream=stream)
             telemetry.set_attributes(span, {"dgserve.routing.mode": pb.GenerateRequest.Routing.Name(request.routing)})

@@ -28,6 +28,7 @@ diffusion:
   actor_options: {{num_cpus: 0.1}}
 fallback: {{enabled: false}}
 router: {{actor_options: {{num_cpus: 0.1}}}}
+security: {{allow_plaintext: true}}
 """)
     env = {**os.environ, "DGSERVE_STATE_DIR": str(tmp_path / "state")}
     proc = subprocess.Popen([*DGSERVE, "serve", "--config", str(cfg), "--port", str(port)], env=env,
