@@ -13,8 +13,11 @@ followers' loops.
 from __future__ import annotations
 
 import hashlib
+import pickle
 from dataclasses import dataclass
+from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 
 from ..scheduler import Scheduled
@@ -45,15 +48,29 @@ class Shutdown:
 Command = Step | Shutdown
 
 
-def send(group: dist.ProcessGroup, command: Command) -> None:
-    dist.broadcast_object_list([command], src=0, group=group)
+def _broadcast(group: dist.ProcessGroup, t: torch.Tensor, timeout: timedelta | None) -> None:
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 0
+    if timeout is not None:
+        opts.timeout = timeout
+    group.broadcast([t], opts).wait()
+
+
+def send(group: dist.ProcessGroup, command: Command, timeout: timedelta) -> None:
+    """Rank 0: a follower that does not take the command within ``timeout`` (stopped, stuck)
+    fails the send, instead of blocking rank 0 for the control group's unbounded timeout."""
+    payload = torch.frombuffer(bytearray(pickle.dumps(command)), dtype=torch.uint8)
+    _broadcast(group, torch.tensor([payload.numel()], dtype=torch.int64), timeout)
+    _broadcast(group, payload, timeout)
 
 
 def receive(group: dist.ProcessGroup) -> Command:
-    box: list[Command | None] = [None]
-    dist.broadcast_object_list(box, src=0, group=group)
-    assert box[0] is not None
-    return box[0]
+    """Followers: wait for the next command as long as it takes (an idle engine sends nothing)."""
+    size = torch.zeros(1, dtype=torch.int64)
+    _broadcast(group, size, None)
+    payload = torch.empty(int(size.item()), dtype=torch.uint8)
+    _broadcast(group, payload, None)
+    return pickle.loads(payload.numpy().tobytes())
 
 
 def plan_digest(plan: list[Scheduled]) -> bytes:

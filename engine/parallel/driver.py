@@ -67,7 +67,8 @@ def failure_reason(store, rank: int) -> str | None:
 
 def describe_failure(store, dead: dict[int, str], cause: BaseException | None, during: str = "step") -> str:
     if not dead:
-        return f"tensor-parallel {during} failed on rank 0: {type(cause).__name__}: {cause}"
+        return (f"tensor-parallel {during} failed on rank 0 and no rank has exited (a rank stuck past the collective "
+                f"timeout, or an error on rank 0): {type(cause).__name__}: {cause}")
     reasons = {r: failure_reason(store, r) for r in dead}
     # a rank that left no reason (killed, crashed hard) is the cause; the others failed after it
     order = sorted(dead, key=lambda r: (reasons[r] is not None, r))
@@ -144,7 +145,8 @@ class TPEngine(Engine):
             if not plan:
                 return []
             try:
-                channel.send(self.tp.control, Step(tuple(self._ops), channel.plan_digest(plan)))
+                channel.send(self.tp.control, Step(tuple(self._ops), channel.plan_digest(plan)),
+                             self.tp.collective_timeout)
                 self._ops.clear()
                 outputs = self.runner.run(plan)
             except Exception as e:  # the ranks are out of step: nothing more can run
@@ -166,7 +168,7 @@ class TPEngine(Engine):
         try:
             if clean:
                 try:
-                    channel.send(self.tp.control, Shutdown())
+                    channel.send(self.tp.control, Shutdown(), self.tp.collective_timeout)
                 except Exception:
                     clean = False
             for w in self.workers:

@@ -8,8 +8,9 @@ Two process groups per engine:
   sampling result. Its timeout is short (``collective_timeout``): a step never waits long
   for a peer.
 * ``control``: always gloo, CPU objects only: rank 0's commands and start-up agreements.
-  Idle ranks wait on it for the next command, so its timeout is effectively infinite; a
-  rank 0 that dies closes its sockets, which ends the wait at once.
+  Idle ranks wait on it for the next command, so its timeout is effectively infinite (a
+  rank 0 that dies closes its sockets, which ends the wait at once); rank 0's sends carry
+  the short timeout, so a stopped follower cannot block it.
 
 The default process group of ``torch.distributed`` is the data group, so one process hosts
 at most one tensor-parallel engine (rank 0 of a replica, or one worker rank).
@@ -42,6 +43,7 @@ class TPGroup:
     data: dist.ProcessGroup
     control: dist.ProcessGroup
     store: dist.Store  # rendezvous store: workers report failures here (``failure_key``)
+    collective_timeout: timedelta = DEFAULT_COLLECTIVE_TIMEOUT  # data collectives and command sends
 
     @property
     def backend(self) -> str:
@@ -122,4 +124,5 @@ def join(store: dist.Store, *, rank: int, size: int, device: torch.device,
     dist.init_process_group(backend, store=dist.PrefixStore("dgserve/pg", store), rank=rank, world_size=size,
                             timeout=collective_timeout)
     control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
-    return TPGroup(rank=rank, size=size, device=device, data=dist.group.WORLD, control=control, store=store)
+    return TPGroup(rank=rank, size=size, device=device, data=dist.group.WORLD, control=control, store=store,
+                   collective_timeout=collective_timeout)

@@ -33,6 +33,7 @@ from dgserve.engine.config import ModelConfig
 from dgserve.engine.kv_cache import KVCache
 from dgserve.engine.loader import load_model
 from dgserve.engine.parallel import check_tensor_parallel, launch
+from dgserve.engine.parallel.channel import plan_digest
 from dgserve.engine.parallel.driver import TPEngine
 from dgserve.engine.parallel.group import join
 from dgserve.engine.parallel.sharding import kv_head_shard, shard_config
@@ -87,6 +88,7 @@ def rank_main(rank: int, size: int, port: int, dirs: dict[str, str], out: str) -
         cfg = ModelConfig.from_dir(path)
         model = load_model(path, cfg, dtype=torch.float32, device=CPU, progress=False, tp=tp)
         results[name] = scenario(model, cfg)
+        results[name]["numel"] = torch.tensor(sum(p.numel() for p in model.parameters()))
     torch.save(results, f"{out}/rank{rank}.pt")
     tp.close()
 
@@ -123,6 +125,10 @@ def test_sharded_model_equals_one_rank(models, references, size, tmp_path):
                 diff = (got[name][key] - ref[key]).abs().max().item()
                 assert diff <= TOL, f"{name} {key} rank {r}: max abs diff {diff}"
         assert not torch.equal(ref["decoder"], ref["decoder_sc"])  # self-conditioning was exercised
+        full = sum(p.numel() for p in load_model(models[name], cfg, dtype=torch.float32, device=CPU,
+                                                 progress=False).parameters())
+        for got in ranks:  # sharded while loading: only the norms, router, self-conditioning are whole
+            assert got[name]["numel"].item() < full / size * 1.5
         for i, spec in enumerate(cfg.layers):  # each rank holds its KV heads (split or replicated)
             for r, got in enumerate(ranks):
                 heads = kv_head_shard(spec.num_kv_heads, r, size)
@@ -225,6 +231,34 @@ def test_async_engine_over_tp_streams_and_fails_fast_when_a_rank_dies(models):
             eng.check_health()
     finally:
         eng.shutdown()
+
+
+def test_stuck_rank_times_out_instead_of_hanging(models):
+    eng = launch(tp_config(models["moe"], 2), collective_timeout_s=1.0)
+    try:
+        eng.add_request(GenerationRequest("x", (2, 3, 4), SamplingParams(seed=0, max_new_tokens=64)))
+        eng.step()
+        os.kill(eng.workers[0].process.pid, signal.SIGSTOP)  # alive but never answers
+        t0 = time.monotonic()
+        with pytest.raises(EngineDeadError, match="tensor-parallel step failed on rank 0"):
+            for _ in range(100):
+                eng.step()
+        assert time.monotonic() - t0 < 10.0
+    finally:
+        eng.shutdown()  # kills the stopped rank
+    assert eng.workers[0].process.exitcode == -signal.SIGKILL
+
+
+def test_plan_digest_covers_the_steps_randomness(engine):
+    """What followers check before each step: same plan and draws -> same digest, any draw differs -> not."""
+    engine.add_request(GenerationRequest("d", (2, 3, 4), SamplingParams(seed=9, max_new_tokens=32)))
+    plan = engine.scheduler.schedule()
+    digest = plan_digest(plan)
+    assert plan_digest(plan) == digest
+    plan[0].uniforms = plan[0].uniforms.clone()
+    plan[0].uniforms[5] += 1e-12
+    assert plan_digest(plan) != digest
+    engine.abort("d")
 
 
 # -- start-up checks ----------------------------------------------------------------------------
