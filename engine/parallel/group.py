@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 CONTROL_TIMEOUT = timedelta(days=3650)
 DEFAULT_COLLECTIVE_TIMEOUT = timedelta(seconds=300)
+STARTUP_TIMEOUT = timedelta(seconds=600)  # start-up agreements wait for the slowest rank's weights
 
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
 
@@ -91,10 +92,14 @@ class TPGroup:
             res.mean_entropy = mean_h.int().view(torch.float32).to(res.mean_entropy.dtype)
 
     # -- control plane ---------------------------------------------------------------------
-    def agree_min(self, value: int) -> int:
-        """The smallest ``value`` over all ranks (e.g. the KV budget of the fullest device)."""
+    def agree_min(self, value: int, timeout: timedelta = STARTUP_TIMEOUT) -> int:
+        """The smallest ``value`` over all ranks (e.g. the KV budget of the fullest device). Called
+        after loading, so ``timeout`` covers the slowest rank's load."""
         t = torch.tensor([value], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.control)
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = dist.ReduceOp.MIN
+        opts.timeout = timeout
+        self.control.allreduce([t], opts).wait()
         return int(t.item())
 
     def abort(self) -> None:

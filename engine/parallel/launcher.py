@@ -28,11 +28,11 @@ from ..config import EngineConfig, ModelConfig
 from ..engine import Engine
 from ..errors import ConfigError, DGServeError, EngineDeadError
 from .driver import TPEngine, WorkerHandle, describe_exit, describe_failure
-from .group import join
+from .group import STARTUP_TIMEOUT, join
 from .sharding import MAX_CPU_RANKS, check_tensor_parallel
 from .worker import WorkerSpec, local_pid, pid_alive, pid_key, process_main, serve
 
-STARTUP_TIMEOUT_S = 600.0  # a follower must reach the rendezvous within this (imports, CUDA init)
+STARTUP_TIMEOUT_S = STARTUP_TIMEOUT.total_seconds()  # reach the rendezvous (imports, CUDA init)
 COLLECTIVE_TIMEOUT_S = 300.0  # a collective waits at most this for a live but stuck peer
 
 
