@@ -151,10 +151,12 @@ class PeerWorker:
 
     def __init__(self, rank: int, store: dist.Store) -> None:
         self.rank, self.store = rank, store
+        self.pid: int | None = None
 
     def exit_status(self) -> str | None:
-        pid = local_pid(self.store, self.rank)
-        return "process gone" if pid is not None and not pid_alive(pid) else None
+        if self.pid is None:  # published once the follower starts
+            self.pid = local_pid(self.store, self.rank)
+        return "process gone" if self.pid is not None and not pid_alive(self.pid) else None
 
     def stop(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -35,6 +35,7 @@ class RayWorker:
 
     def __init__(self, rank: int, actor: Any, ref: Any, store: dist.Store) -> None:
         self.rank, self.actor, self.ref, self.store = rank, actor, ref, store
+        self.pid: int | None = None
 
     def exit_status(self) -> str | None:
         import ray
@@ -48,8 +49,9 @@ class RayWorker:
                 return "actor died"
             except Exception as e:
                 return f"failed ({type(e).__name__})"
-        pid = local_pid(self.store, self.rank)
-        return "process gone" if pid is not None and not pid_alive(pid) else None
+        if self.pid is None:  # published once the follower starts
+            self.pid = local_pid(self.store, self.rank)
+        return "process gone" if self.pid is not None and not pid_alive(self.pid) else None
 
     def stop(self, timeout: float) -> None:
         import ray
