@@ -45,3 +45,14 @@ FALLBACK_GROUP = "fallback"
 MODELS_DIR = "/models"
 FALLBACK_MODELS_DIR = "/fallback-models"
 FALLBACK_API_KEY_ENV = "DGSERVE_FALLBACK_API_KEY"
+
+# The gRPC front (TLS, tokens, limits) beside Ray's gRPC proxy in every Ray pod (docs/security.md).
+FRONT_CONTAINER = "grpc-front"
+PROXY_PORT = 9099  # Serve's gRPC proxy behind the front (PROXY_PORT_ALT when grpcPort takes it)
+PROXY_PORT_ALT = 9098
+TLS_DIR = "/etc/dgserve/tls"
+CLIENT_CA_DIR = "/etc/dgserve/client-ca"
+AUTH_DIR = "/etc/dgserve/auth"
+AUTH_TOKEN_FILE = "token"
+TMP_DIR = "/tmp"
+RUN_AS_USER = 1000  # every rendered container runs as this non-root user, read-only root filesystem

@@ -11,10 +11,15 @@ Nothing here talks to a cluster. ``dgserve render`` prints the same objects the 
 * :func:`build_rayservice` renders the RayService: a CPU head that runs no replica, a GPU worker
   group sized so that each replica packs ``tensorParallelSize`` GPUs on one worker, and for an
   in-cluster fallback its own worker group.
+* Every Ray pod carries the gRPC front (``dgserve front``: TLS, tokens, per-client cap) as a
+  sidecar on the Service's port, Serve's gRPC proxy moves to an internal port behind it
+  (``docs/security.md``), and every container runs as a non-root user with a read-only root
+  filesystem, no privilege escalation and no capabilities (``/tmp`` is an emptyDir).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -27,11 +32,15 @@ from dgserve.engine.config import EngineConfig
 from dgserve.serving.config import (
     ActorOptions,
     AppConfig,
+    AuthSettings,
     AutoscalingSettings,
     DiffusionBackendConfig,
     FallbackConfig,
+    LimitSettings,
     RouterConfig,
+    SecurityConfig,
     TelemetryConfig,
+    TLSSettings,
 )
 
 from . import names
@@ -44,6 +53,7 @@ from .spec import (
     InClusterFallback,
     ModelSource,
     Replicas,
+    Security,
 )
 
 # Custom Ray resources that pin each replica kind to its own worker group (and cap the
@@ -132,6 +142,36 @@ def _fallback_config(spec: DiffusionGemmaSpec) -> FallbackConfig:
                           device=device, dtype=dtype, actor_options=actor, **common)
 
 
+def proxy_port(spec: DiffusionGemmaSpec) -> int:
+    """The internal port of Serve's gRPC proxy (the front listens on ``grpcPort``)."""
+    return names.PROXY_PORT if spec.grpc_port != names.PROXY_PORT else names.PROXY_PORT_ALT
+
+
+def _security(spec: DiffusionGemmaSpec) -> Security:
+    if spec.security is None:  # DiffusionGemmaSpec's rule refuses this first
+        raise InvalidSpecError("security: set security.tls.secretName (TLS) or security.allowPlaintext: true")
+    return spec.security
+
+
+def build_security_config(spec: DiffusionGemmaSpec) -> SecurityConfig:
+    """The app's ``security`` section: the files the pods mount from the CR's Secrets."""
+    sec = _security(spec)
+    tls = None
+    if sec.tls is not None:
+        mtls = sec.tls.client_auth != "None"
+        tls = TLSSettings(cert_file=f"{names.TLS_DIR}/tls.crt", key_file=f"{names.TLS_DIR}/tls.key",
+                          client_ca_file=f"{names.CLIENT_CA_DIR}/ca.crt" if mtls else None,
+                          require_client_cert=sec.tls.client_auth == "Require")
+    lim = sec.limits
+    return SecurityConfig(
+        tls=tls, allow_plaintext=sec.allow_plaintext,
+        auth=AuthSettings(token_file=f"{names.AUTH_DIR}/{names.AUTH_TOKEN_FILE}") if sec.auth else None,
+        limits=LimitSettings(max_message_bytes=lim.max_message_bytes, max_prompt_chars=lim.max_prompt_chars,
+                             max_new_tokens=lim.max_new_tokens,
+                             max_concurrent_per_client=lim.max_concurrent_per_client or None),
+        proxy_port=proxy_port(spec))
+
+
 def build_app_config(spec: DiffusionGemmaSpec) -> AppConfig:
     """The serving application's config for this spec (raises :class:`InvalidSpecError`)."""
     refused = unsupported_settings(spec)
@@ -166,6 +206,7 @@ def build_app_config(spec: DiffusionGemmaSpec) -> AppConfig:
             router=RouterConfig(grpc_port=spec.grpc_port),
             telemetry=TelemetryConfig(otlp_endpoint=spec.telemetry.otlp_endpoint,
                                       sampling_ratio=spec.telemetry.sampling_ratio),
+            security=build_security_config(spec),
         )
     except ValueError as e:  # pydantic.ValidationError is a ValueError
         raise InvalidSpecError(f"spec does not map onto a valid serving AppConfig: {e}") from e
@@ -212,9 +253,86 @@ def _model_volume(source: ModelSource | FallbackModelSource, volume: str) -> dic
     return {"name": volume, "emptyDir": {}}
 
 
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "privileged": False,
+                      "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}}
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": names.RUN_AS_USER, "runAsGroup": names.RUN_AS_USER,
+                "fsGroup": names.RUN_AS_USER, "seccompProfile": {"type": "RuntimeDefault"}}
+BASE_ENV = [{"name": "HOME", "value": names.TMP_DIR}, {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"}]
+TMP_VOLUME = {"name": "tmp", "emptyDir": {}}
+TMP_MOUNT = {"name": "tmp", "mountPath": names.TMP_DIR}
+SECRET_MODE = 0o440  # owner and group (fsGroup) may read
+FRONT_RESOURCES = {"cpu": "500m", "memory": "1Gi"}
+
+
+def _security_volumes(spec: DiffusionGemmaSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]],
+                                                           list[dict[str, Any]]]:
+    """(volumes, the front's mounts, the Ray container's mounts) of the CR's TLS and token Secrets."""
+    sec = _security(spec)
+    volumes: list[dict[str, Any]] = []
+    front: list[dict[str, Any]] = []
+    ray: list[dict[str, Any]] = []
+    if sec.tls is not None:
+        volumes.append({"name": "tls", "secret": {"secretName": sec.tls.secret_name, "defaultMode": SECRET_MODE,
+                                                  "items": [{"key": "tls.crt", "path": "tls.crt"},
+                                                            {"key": "tls.key", "path": "tls.key"}]}})
+        front.append({"name": "tls", "mountPath": names.TLS_DIR, "readOnly": True})
+        if sec.tls.client_auth != "None":
+            volumes.append({"name": "client-ca", "secret": {
+                "secretName": sec.tls.client_ca_secret_name or sec.tls.secret_name, "defaultMode": SECRET_MODE,
+                "items": [{"key": "ca.crt", "path": "ca.crt"}]}})
+            front.append({"name": "client-ca", "mountPath": names.CLIENT_CA_DIR, "readOnly": True})
+    if sec.auth is not None:
+        ref = sec.auth.token_secret
+        volumes.append({"name": "auth-token", "secret": {"secretName": ref.name, "defaultMode": SECRET_MODE,
+                                                         "items": [{"key": ref.key, "path": names.AUTH_TOKEN_FILE}]}})
+        mount = {"name": "auth-token", "mountPath": names.AUTH_DIR, "readOnly": True}
+        front.append(mount)
+        ray.append(dict(mount))  # the router checks the token again behind the front
+    return volumes, front, ray
+
+
+def front_args(spec: DiffusionGemmaSpec) -> list[str]:
+    """``dgserve front`` arguments for this spec (the same settings as the app's ``security`` section)."""
+    cfg = build_security_config(spec)
+    args = [f"--port={spec.grpc_port}", "--host=[::]", f"--upstream=127.0.0.1:{cfg.proxy_port}",
+            f"--max-message-bytes={cfg.limits.max_message_bytes}",
+            f"--max-concurrent-per-client={cfg.limits.max_concurrent_per_client or 0}"]
+    if cfg.tls is not None:
+        args += [f"--tls-cert={cfg.tls.cert_file}", f"--tls-key={cfg.tls.key_file}"]
+        if cfg.tls.client_ca_file:
+            args.append(f"--tls-client-ca={cfg.tls.client_ca_file}")
+            if not cfg.tls.require_client_cert:
+                args.append("--tls-client-cert-optional")
+    else:
+        args.append("--allow-plaintext")
+    if cfg.auth is not None:
+        args.append(f"--token-file={cfg.auth.token_file}")
+    return args
+
+
+def _front_container(spec: DiffusionGemmaSpec, mounts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The gRPC front: the Service's port ends here, Serve's proxy is behind it on loopback. kubelet's gRPC
+    probes cannot speak TLS, so the probes check the port (Serve's own readiness gates the Service)."""
+    probe = {"tcpSocket": {"port": "grpc"}, "periodSeconds": 10, "timeoutSeconds": 3}
+    return {
+        "name": names.FRONT_CONTAINER,
+        "image": spec.image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "command": ["dgserve", "front"],
+        "args": front_args(spec),
+        "env": [dict(e) for e in BASE_ENV],
+        "ports": [_grpc_port(spec)],
+        "resources": {"requests": dict(FRONT_RESOURCES), "limits": dict(FRONT_RESOURCES)},
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY),
+        "volumeMounts": [dict(TMP_MOUNT), *mounts],
+        "readinessProbe": copy.deepcopy(probe),
+        "livenessProbe": {**copy.deepcopy(probe), "initialDelaySeconds": 30, "failureThreshold": 6},
+    }
+
+
 def _download_container(spec: DiffusionGemmaSpec, hf: HuggingFaceSource, volume: str, mount: str) -> dict[str, Any]:
     env: list[dict[str, Any]] = [{"name": "HF_HOME", "value": f"{mount}/.hf-home"},
-                                 {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"}]
+                                 {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"}, *[dict(e) for e in BASE_ENV]]
     if hf.token_secret is not None:
         env.append(_secret_env("HF_TOKEN", hf.token_secret))
     return {
@@ -224,33 +342,38 @@ def _download_container(spec: DiffusionGemmaSpec, hf: HuggingFaceSource, volume:
         "command": ["hf", "download", hf.repo, "--revision", hf.revision, "--local-dir", f"{mount}/{hf.repo}"],
         "env": env,
         "resources": {"requests": dict(DOWNLOAD_RESOURCES), "limits": dict(DOWNLOAD_RESOURCES)},
-        "securityContext": {"allowPrivilegeEscalation": False},
-        "volumeMounts": [{"name": volume, "mountPath": mount}],
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY),
+        "volumeMounts": [{"name": volume, "mountPath": mount}, dict(TMP_MOUNT)],
     }
 
 
 def _container(name: str, spec: DiffusionGemmaSpec, resources: dict[str, str],
                mounts: list[dict[str, Any]], env: list[dict[str, Any]], ports: list[dict[str, Any]]) -> dict[str, Any]:
+    """A Ray container: Serve's gRPC proxy listens on the internal port, Ray writes under /tmp only."""
+    limit = build_security_config(spec).limits.max_message_bytes
     out: dict[str, Any] = {
         "name": name,
         "image": spec.image,
         "imagePullPolicy": spec.image_pull_policy,
         "resources": {"requests": dict(resources), "limits": dict(resources)},
-        "ports": ports,
-        "securityContext": {"allowPrivilegeEscalation": False},
+        "ports": [*ports, {"name": "grpc-proxy", "containerPort": proxy_port(spec), "protocol": "TCP"}],
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY),
+        "volumeMounts": [*mounts, dict(TMP_MOUNT)],
+        "env": [*env, *[dict(e) for e in BASE_ENV], {"name": "DGSERVE_STATE_DIR", "value": f"{names.TMP_DIR}/dgserve"},
+                {"name": "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", "value": str(limit)}],
     }
-    if mounts:
-        out["volumeMounts"] = mounts
-    if env:
-        out["env"] = env
     return out
 
 
 def _pod_spec(spec: DiffusionGemmaSpec, containers: list[dict[str, Any]], volumes: list[dict[str, Any]],
               init: list[dict[str, Any]], *, gpu_node: bool) -> dict[str, Any]:
-    out: dict[str, Any] = {"containers": containers}
-    if volumes:
-        out["volumes"] = volumes
+    """The Ray container(s) plus the gRPC front, the Secrets they read, /tmp, and a non-root pod."""
+    sec_volumes, front_mounts, ray_mounts = _security_volumes(spec)
+    for c in containers:
+        c["volumeMounts"] = [*c["volumeMounts"], *[dict(m) for m in ray_mounts]]
+    out: dict[str, Any] = {"containers": [*containers, _front_container(spec, front_mounts)],
+                           "securityContext": copy.deepcopy(POD_SECURITY),
+                           "volumes": [*volumes, *sec_volumes, dict(TMP_VOLUME)]}
     if init:
         out["initContainers"] = init
     if gpu_node and spec.node_selector:
@@ -270,7 +393,6 @@ def _head_group(spec: DiffusionGemmaSpec, owner: Owner) -> dict[str, Any]:
     res = {"cpu": spec.resources.head.cpu, "memory": spec.resources.head.memory}
     ports = [{"name": n, "containerPort": p, "protocol": "TCP"}
              for n, p in (("gcs-server", 6379), ("dashboard", 8265), ("client", 10001), ("serve", 8000))]
-    ports.append(_grpc_port(spec))
     container = _container("ray-head", spec, res, [], [], ports)
     return {
         # num-cpus 0: the head runs Serve's controller and proxy, never a replica.
@@ -296,7 +418,7 @@ def _diffusion_group(spec: DiffusionGemmaSpec, owner: Owner) -> dict[str, Any]:
     ext = spec.fallback.external if spec.fallback.type == "External" else None
     if ext is not None and ext.api_key_secret is not None:  # the proxy replicas run on these workers
         env.append(_secret_env(names.FALLBACK_API_KEY_ENV, ext.api_key_secret))
-    container = _container("ray-worker", spec, res, mounts, env, [_grpc_port(spec)])
+    container = _container("ray-worker", spec, res, mounts, env, [])
     return {
         "groupName": names.DIFFUSION_GROUP,
         "replicas": w_min,
@@ -327,7 +449,7 @@ def _fallback_group(spec: DiffusionGemmaSpec, owner: Owner) -> dict[str, Any] | 
         if inc.model.hugging_face is not None:
             init.append(_download_container(spec, inc.model.hugging_face, "fallback-model",
                                             names.FALLBACK_MODELS_DIR))
-    container = _container("ray-worker", spec, res, mounts, [], [_grpc_port(spec)])
+    container = _container("ray-worker", spec, res, mounts, [], [])
     return {
         "groupName": names.FALLBACK_GROUP,
         "replicas": spec.fallback.replicas.min,

@@ -262,6 +262,61 @@ class Telemetry(_Model):
     sampling_ratio: float = Field(default=0.1, ge=0.0, le=1.0, description="Share of requests traced.")
 
 
+class EndpointTLS(_Model):
+    """TLS of the gRPC endpoint from Secrets in the resource's namespace (e.g. issued by cert-manager)."""
+
+    secret_name: str = Field(max_length=253, pattern=DNS_SUBDOMAIN_PATTERN, description="kubernetes.io/tls Secret "
+                             "with tls.crt and tls.key (and ca.crt, the client CA, unless clientCaSecretName is set); "
+                             "mounted into the gRPC front, re-read when it changes (rotation without a restart).")
+    client_auth: Literal["None", "Optional", "Require"] = Field(default="None", description="Mutual TLS: None "
+                                                                "(server TLS only), Require (clients must present a "
+                                                                "certificate signed by the client CA), Optional "
+                                                                "(verified when presented).")
+    client_ca_secret_name: str | None = Field(default=None, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN,
+                                              description="Secret whose ca.crt is the client CA; unset: ca.crt of "
+                                              "secretName.")
+
+
+class EndpointAuth(_Model):
+    """Bearer-token authentication (metadata ``authorization: Bearer <token>``); the health check stays open."""
+
+    token_secret: SecretKeyRef = Field(description="Secret key holding the accepted token(s), one per line (two "
+                                       "during a rotation); mounted into the front and the Ray pods, never an "
+                                       "environment variable.")
+
+
+class EndpointLimits(_Model):
+    """Request limits of the gRPC endpoint (INVALID_ARGUMENT / RESOURCE_EXHAUSTED naming the limit)."""
+
+    max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=2**31 - 1, description="Largest request "
+                                   "message in bytes.")
+    max_prompt_chars: int = Field(default=4 * 1024 * 1024, ge=1, le=2**31 - 1, description="Most characters of "
+                                  "prompt, chat messages and infill together.")
+    max_new_tokens: int | None = Field(default=None, ge=1, le=1_048_576, description="Largest max_new_tokens "
+                                       "accepted; unset: only the served context bounds it (OUT_OF_RANGE).")
+    max_concurrent_per_client: int = Field(default=64, ge=0, le=1_000_000, description="Requests one client (its "
+                                           "certificate's common name with mutual TLS, else its IP address) may "
+                                           "have in flight per Ray pod; 0 = no cap.")
+
+
+class Security(_Model):
+    """TLS, authentication and limits of the gRPC endpoint (docs/security.md). A gRPC front runs beside Ray's
+    gRPC proxy in every Ray pod (Ray 2.60's proxy has neither TLS nor interceptors)."""
+
+    tls: EndpointTLS | None = Field(default=None, description="Serve TLS (mutual TLS with clientAuth).")
+    allow_plaintext: bool = Field(default=False, description="Serve without TLS. Plaintext is never implied: "
+                                  "without tls this must be true.")
+    auth: EndpointAuth | None = Field(default=None, description="Bearer tokens; unset: none.")
+    limits: EndpointLimits = Field(default_factory=EndpointLimits, description="Request limits.")
+
+    RULES = (Rule(
+        cel="!(has(self.tls) && self.allowPlaintext)",
+        message="security: tls and allowPlaintext contradict each other: set one of them",
+        message_expression="'security: tls and allowPlaintext contradict each other: set one of them'",
+        check=lambda m: not (m.tls is not None and m.allow_plaintext),
+    ),)
+
+
 class LocalObjectReference(_Model):
     """A reference to an object by name in the same namespace."""
 
@@ -309,6 +364,9 @@ class DiffusionGemmaSpec(_Model):
     grpc_port: int = Field(default=9000, ge=1024, le=65535, description="Port of the gRPC API (Serve's gRPC proxy "
                            "and the Service).")
     telemetry: Telemetry = Field(default_factory=Telemetry, description="Tracing.")
+    security: Security | None = Field(default=None, description="TLS, tokens and limits of the gRPC endpoint: "
+                                      "required, with tls.secretName or allowPlaintext: true (plaintext is never "
+                                      "implied).")
     image: str = Field(default=DEFAULT_IMAGE, min_length=1, max_length=1024, pattern=r"^[^\s]+$",
                        description="Container image with dgserve and Ray (head, workers, model download).")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(default="IfNotPresent",
@@ -352,6 +410,12 @@ class DiffusionGemmaSpec(_Model):
                                 "+ ' exceeds maxBatchPerReplica ' + string(self.maxBatchPerReplica)",
              check=lambda m: m.replicas.target_ongoing_requests is None
              or m.replicas.target_ongoing_requests <= m.max_batch_per_replica),
+        Rule(cel="has(self.security) && (has(self.security.tls) || self.security.allowPlaintext)",
+             message="security: set security.tls.secretName (TLS) or security.allowPlaintext: true (plaintext is "
+                     "never implied)",
+             message_expression="'security: set security.tls.secretName (TLS) or security.allowPlaintext: true "
+                                "(plaintext is never implied)'",
+             check=lambda m: m.security is not None and (m.security.tls is not None or m.security.allow_plaintext)),
         Rule(cel="!(self.grpcPort in [6379, 8000, 8080, 8265, 10001, 52365])",
              message="grpcPort {m.grpc_port} is taken by Ray (6379, 8000, 8080, 8265, 10001, 52365)",
              message_expression="'grpcPort ' + string(self.grpcPort) + ' is taken by Ray "

@@ -11,7 +11,8 @@ from dgserve.operator import names
 from dgserve.operator.spec import NAME_RULE, DiffusionGemmaSpec
 from operator_testlib import apply_defaults, cel_rule_failures, dg_schema
 
-BASE = {"model": {"huggingFace": {"repo": "google/diffusiongemma-26B-A4B-it"}}}
+SEC = {"security": {"allowPlaintext": True}}  # plaintext must be explicit (or tls)
+BASE = {"model": {"huggingFace": {"repo": "google/diffusiongemma-26B-A4B-it"}}, **SEC}
 EXT = {"url": "http://vllm:8000/v1", "model": "gemma-4"}
 
 
@@ -23,7 +24,12 @@ def spec(**over):
 
 GOOD = {
     "minimal": spec(),
-    "pvc": {"model": {"pvc": {"claimName": "m", "path": "a/b"}}},
+    "pvc": {"model": {"pvc": {"claimName": "m", "path": "a/b"}}, **SEC},
+    "tls": spec(security={"tls": {"secretName": "grpc-tls"}}),
+    "mtls-token-limits": spec(security={"tls": {"secretName": "grpc-tls", "clientAuth": "Require",
+                                                "clientCaSecretName": "clients-ca"},
+                                        "auth": {"tokenSecret": {"name": "grpc-token"}},
+                                        "limits": {"maxNewTokens": 4096, "maxConcurrentPerClient": 0}}),
     "tp8-on-8": spec(tensorParallelSize=8, resources={"gpusPerWorker": 8}),
     "tp2-on-8": spec(tensorParallelSize=2, resources={"gpusPerWorker": 8}),
     "autoscale": spec(replicas={"min": 1, "max": 4, "targetOngoingRequests": 3}, maxBatchPerReplica=4),
@@ -34,8 +40,12 @@ GOOD = {
 }
 
 BAD = {  # name: (spec, words the message must contain)
-    "both-sources": ({"model": {"huggingFace": {"repo": "a/b"}, "pvc": {"claimName": "m"}}}, ["exactly one"]),
-    "no-source": ({"model": {}}, ["exactly one"]),
+    "both-sources": ({"model": {"huggingFace": {"repo": "a/b"}, "pvc": {"claimName": "m"}}, **SEC},
+                     ["exactly one"]),
+    "no-source": ({"model": {}, **SEC}, ["exactly one"]),
+    "no-security": ({"model": {"pvc": {"claimName": "m"}}}, ["security.tls.secretName", "allowPlaintext: true"]),
+    "plaintext-not-allowed": (spec(security={"allowPlaintext": False}), ["allowPlaintext: true"]),
+    "tls-and-plaintext": (spec(security={"tls": {"secretName": "t"}, "allowPlaintext": True}), ["contradict"]),
     "min-gt-max": (spec(replicas={"min": 3, "max": 2}), ["3", "2"]),
     "tp-over-gpus": (spec(tensorParallelSize=4, resources={"gpusPerWorker": 2}), ["4", "2"]),
     "gpus-not-multiple": (spec(tensorParallelSize=2, resources={"gpusPerWorker": 3}), ["3", "2"]),
@@ -50,7 +60,7 @@ BAD = {  # name: (spec, words the message must contain)
     "target-over-batch": (spec(replicas={"min": 1, "max": 2, "targetOngoingRequests": 6}, maxBatchPerReplica=4),
                           ["6", "4"]),
     "ray-port": (spec(grpcPort=8265), ["8265"]),
-    "pvc-dotdot": ({"model": {"pvc": {"claimName": "m", "path": "a/../../etc"}}}, [".."]),
+    "pvc-dotdot": ({"model": {"pvc": {"claimName": "m", "path": "a/../../etc"}}, **SEC}, [".."]),
     "exists-with-value": (spec(tolerations=[{"key": "k", "operator": "Exists", "value": "v"}]), ["Exists", "v"]),
 }
 

@@ -29,7 +29,7 @@ from operator_testlib import (
 K8S_VERSION = "1.35.0"
 EXAMPLE = REPO_ROOT / "deploy/diffusiongemma.yaml"
 MINIMAL = {"apiVersion": names.API_VERSION, "kind": names.KIND, "metadata": {"name": "tiny", "namespace": "ns"},
-           "spec": {"model": {"pvc": {"claimName": "models", "path": "dg"}}}}
+           "spec": {"model": {"pvc": {"claimName": "models", "path": "dg"}}, "security": {"allowPlaintext": True}}}
 
 
 @pytest.mark.parametrize("rel", crd.CRD_PATHS, ids=str)

@@ -22,7 +22,8 @@ from dgserve.operator.reconcile import Action, reconcile, refresh_status
 from operator_testlib import FakeKube
 
 NS, NAME = "ml", "gemma"
-SPEC = {"model": {"pvc": {"claimName": "models", "path": "dg"}}, "contextLength": 131072,
+SPEC = {"model": {"pvc": {"claimName": "models", "path": "dg"}}, "security": {"allowPlaintext": True},
+        "contextLength": 131072,
         "fallback": {"type": "InCluster", "contextLength": 131072}}
 
 

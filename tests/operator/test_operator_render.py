@@ -36,7 +36,7 @@ EXT = {"url": "http://gemma4:8000/v1", "model": "gemma-4", "apiKeySecret": {"nam
 
 
 def spec_of(**over):
-    raw = {"model": copy.deepcopy(HF)}
+    raw = {"model": copy.deepcopy(HF), "security": {"allowPlaintext": True}}
     raw.update(over)
     return parse_spec(raw)
 
@@ -51,7 +51,8 @@ def serve_args(rs):
 
 
 def container(group):
-    (c,) = group["template"]["spec"]["containers"]
+    """The Ray container (the gRPC front sidecar aside)."""
+    (c,) = [c for c in group["template"]["spec"]["containers"] if c["name"] != names.FRONT_CONTAINER]
     return c
 
 
@@ -228,7 +229,8 @@ def test_grpc_service_rides_in_the_rayservice():
     assert svc["metadata"]["name"] == "gemma" and "selector" not in svc["spec"]  # KubeRay sets the selector
     assert svc["spec"]["ports"] == [{"name": "grpc", "port": 9443, "targetPort": 9443, "protocol": "TCP",
                                      "appProtocol": "grpc"}]
-    assert yaml.safe_load(rs["spec"]["serveConfigV2"])["grpc_options"]["port"] == 9443
+    # the gRPC front listens on the Service's port; Serve's proxy behind it on an internal one
+    assert yaml.safe_load(rs["spec"]["serveConfigV2"])["grpc_options"]["port"] == names.PROXY_PORT
 
 
 def test_owner_reference_labels_and_hash():
@@ -305,7 +307,8 @@ def test_dgserve_render_cli_refuses_a_bad_spec(tmp_path, capsys):
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"apiVersion": names.API_VERSION, "kind": names.KIND, "metadata": {"name": "g"},
-                                   "spec": {"model": {"pvc": {"claimName": "m"}}, "quantization": "fp8"}}))
+                                   "spec": {"model": {"pvc": {"claimName": "m"}}, "quantization": "fp8",
+                                            "security": {"allowPlaintext": True}}}))
     assert main(["render", "-f", str(bad)]) == 2
     assert "quantization 'fp8'" in capsys.readouterr().err
 

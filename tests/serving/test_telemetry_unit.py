@@ -184,13 +184,13 @@ def test_gen_ai_attribute_names_are_semantic_conventions():
 
 def test_operator_telemetry_spec_reaches_the_app():
     """CR spec.telemetry -> rendered RayService serveConfigV2 -> AppConfig the app validates -> trace settings."""
-    spec = parse_spec({"model": {"pvc": {"claimName": "models", "path": "dg"}},
+    spec = parse_spec({"model": {"pvc": {"claimName": "models", "path": "dg"}}, "security": {"allowPlaintext": True},
                        "telemetry": {"otlpEndpoint": "otel-collector.observability.svc:4317", "samplingRatio": 0.25}})
     rs = build_rayservice(spec, Owner("gemma", "ml", "uid"))
     (app,) = yaml.safe_load(rs["spec"]["serveConfigV2"])["applications"]
     cfg = AppConfig.model_validate(app["args"])
     assert trace_settings(cfg.telemetry, {}) == settings("otel-collector.observability.svc:4317", 0.25)
-    off = parse_spec({"model": {"pvc": {"claimName": "models", "path": "dg"}}})
+    off = parse_spec({"model": {"pvc": {"claimName": "models", "path": "dg"}}, "security": {"allowPlaintext": True}})
     (app,) = yaml.safe_load(build_rayservice(off, Owner("g", "ml", "u"))["spec"]["serveConfigV2"])["applications"]
     assert trace_settings(AppConfig.model_validate(app["args"]).telemetry, {}) is None
 
