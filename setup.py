@@ -14,6 +14,7 @@ ROOTS = {
     "dgserve.engine": "engine",
     "dgserve.serving": "serving",
     "dgserve.operator": "operator",
+    "dgserve.loadtest": "loadtest",
     "dgserve.v1": "proto/dgserve/v1",  # generated gRPC stubs (python -m dgserve.serving.protos)
 }
 

@@ -8,7 +8,7 @@ import argparse
 import importlib
 import sys
 
-AREAS = ("dgserve.engine.cli", "dgserve.serving.cli", "dgserve.operator.cli")
+AREAS = ("dgserve.engine.cli", "dgserve.serving.cli", "dgserve.operator.cli", "dgserve.loadtest.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

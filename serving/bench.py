@@ -10,7 +10,8 @@ Runs a private local Ray Serve (like ``dgserve serve``) with the tiny diffusion 
    Serve handle call (``generate_unary``) to DiffusionReplica from the driver; p50/p99 of both and their difference;
 2. sweep: closed-loop clients at concurrency 1..64 (ANY routing), once with overflow on and once off:
    throughput, p50/p99 latency, share served by the fallback, most requests any diffusion replica
-   ran at once (measured inside the replica at each admission).
+   ran at once (measured inside the replica at each admission). The load comes from the load
+   generator (``dgserve.loadtest``; ``dgserve loadtest`` runs richer sweeps against any deployment).
 """
 
 from __future__ import annotations
@@ -18,14 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import grpc
-
+from dgserve.loadtest.harness import Kind, Mix, Target, run_level
+from dgserve.loadtest.report import pct, summarize
 from dgserve.v1 import dgserve_pb2 as pb
 
 from . import local
@@ -34,13 +33,6 @@ from .config import AppConfig
 from .messages import BackendRequest, Final
 
 LEVELS = (1, 2, 4, 8, 16, 32, 64)
-
-
-def pct(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))]
 
 
 def bench_config(port: int, overflow: bool) -> AppConfig:
@@ -88,47 +80,15 @@ def router_latency(client: Client, app: str, n: int) -> dict[str, Any]:
             "added_p99_ms": round(ms(r, 99) - ms(d, 99), 2)}
 
 
-def sweep_level(client: Client, concurrency: int, total: int, max_new_tokens: int) -> dict[str, Any]:
-    lock = threading.Lock()
-    results: list[tuple[float, Any]] = []
-    counter = iter(range(total))
-
-    def worker() -> None:
-        while True:
-            with lock:
-                i = next(counter, None)
-            if i is None:
-                return
-            req = make_request(f"request {i}: tell me something", max_new_tokens=max_new_tokens, seed=i)
-            t0 = time.perf_counter()
-            try:
-                resp = client.generate(req, timeout=600)
-            except grpc.RpcError as e:
-                resp = e
-            with lock:
-                results.append((time.perf_counter() - t0, resp))
-
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - t0
-    ok = [(lat, r) for lat, r in results if isinstance(r, pb.GenerateResponse)]
-    lats = [lat for lat, _ in ok]
-    per_replica: dict[str, int] = {}
-    for _, r in ok:
-        if r.backend == pb.BACKEND_DIFFUSION:
-            per_replica[r.replica] = max(per_replica.get(r.replica, 0), r.replica_in_flight)
-    tokens = sum(r.usage.completion_tokens for _, r in ok)
+def sweep_level(target: str, concurrency: int, total: int, max_new_tokens: int) -> dict[str, Any]:
+    """One closed-loop level of plain-prompt ANY requests (the load generator does the work)."""
+    mix = Mix(((Kind("short", max_new_tokens, chat=False), 1),))
+    row = summarize(run_level(Target(target, timeout_s=600), concurrency, mix, requests=total))
     return {
-        "concurrency": concurrency, "requests": total, "errors": len(results) - len(ok),
-        "seconds": round(elapsed, 2), "req_per_s": round(len(ok) / elapsed, 2),
-        "tok_per_s": round(tokens / elapsed, 1),
-        "p50_ms": round(pct(lats, 50) * 1e3, 1), "p99_ms": round(pct(lats, 99) * 1e3, 1),
-        "fallback_share": round(sum(r.backend == pb.BACKEND_AUTOREGRESSIVE for _, r in ok) / max(1, len(ok)), 3),
-        "max_in_flight_per_replica": max(per_replica.values(), default=0),
+        "concurrency": concurrency, "requests": total, "errors": row["errors"], "seconds": round(row["seconds"], 2),
+        "req_per_s": round(row["req_per_s"], 2), "tok_per_s": round(row["tok_per_s"], 1),
+        "p50_ms": row["p50_ms"], "p99_ms": row["p99_ms"], "fallback_share": round(row["share_autoregressive"], 3),
+        "max_in_flight_per_replica": row["max_in_flight_per_replica"],
     }
 
 
@@ -157,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows = []
                 for c in LEVELS:
                     total = max(c, 4) if args.quick else max(2 * c, 8)
-                    row = sweep_level(client, c, total, args.max_new_tokens)
+                    row = sweep_level(target, c, total, args.max_new_tokens)
                     print("overflow" if overflow else "no-overflow", row, flush=True)
                     rows.append(row)
                 out["overflow_on" if overflow else "overflow_off"] = rows

@@ -83,6 +83,22 @@ def _methods() -> dict[str, _Method]:
 METHODS = _methods()
 
 
+ACTOR_DEATH = ("actor died", "ActorDiedError", "RayActorError", "ActorUnavailableError")
+
+
+def upstream_status(code: grpc.StatusCode, details: str) -> tuple[grpc.StatusCode, str]:
+    """The status the client gets for an upstream one. The router maps every error itself, but when the router
+    replica itself dies mid-request Serve's proxy answers INTERNAL "The actor died unexpectedly ..." with the
+    actor id, pid and name: that is UNAVAILABLE (retry: Serve restarts the router), without the internals."""
+    if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+        if any(marker in details for marker in ACTOR_DEATH):
+            return (grpc.StatusCode.UNAVAILABLE, "the router replica handling the request died; Serve restarts it: "
+                    "retry")
+        if "Traceback" in details or "pid:" in details or "actor_id" in details:
+            return code, details.strip().splitlines()[0][:200] if details.strip() else "internal error"
+    return code, details
+
+
 class Front(grpc.GenericRpcHandler):
     """The front's server and its one generic handler (``await front.start()`` -> port)."""
 
@@ -100,6 +116,7 @@ class Front(grpc.GenericRpcHandler):
         self._channel: grpc.aio.Channel | None = None
         self.forwarded = 0
         self.refused: dict[str, int] = {}
+        self.remapped: dict[str, int] = {}
 
     @classmethod
     def from_config(cls, cfg: AppConfig, *, upstream_host: str = "127.0.0.1") -> Front:
@@ -199,10 +216,11 @@ class Front(grpc.GenericRpcHandler):
             if not open_method:
                 self.limiter.release(client)
 
-    @staticmethod
-    async def _relay_error(context: grpc.aio.ServicerContext, e: grpc.aio.AioRpcError) -> None:
-        trailers = tuple(e.trailing_metadata() or ())
-        await context.abort(e.code(), e.details() or "", trailers)
+    async def _relay_error(self, context: grpc.aio.ServicerContext, e: grpc.aio.AioRpcError) -> None:
+        code, details = upstream_status(e.code(), e.details() or "")
+        if code != e.code():
+            self.remapped[e.code().name] = self.remapped.get(e.code().name, 0) + 1
+        await context.abort(code, details, tuple(e.trailing_metadata() or ()))
 
     # -- forwarding ---------------------------------------------------------------------------------------
     async def _unary(self, m: _Method, request: bytes, context: grpc.aio.ServicerContext) -> bytes:

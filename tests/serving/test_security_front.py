@@ -41,6 +41,9 @@ class Upstream(dgserve_pb2_grpc.DGServeServicer):
         if request.prompt == "refuse":
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full; retry after 1s",
                                 (("retry-after-ms", "1000"),))
+        if request.prompt == "router died":  # what Serve's proxy answers when the router replica dies mid-call
+            await context.abort(grpc.StatusCode.INTERNAL, "The actor died unexpectedly before finishing this task.\n"
+                                "\tclass_name: ServeReplica:dgserve:Router\n\tactor_id: 55\n\tpid: 22217\n")
         if request.prompt == "slow":
             try:
                 await asyncio.sleep(30)
@@ -320,3 +323,13 @@ def test_missing_tls_files_fail_at_start_naming_the_file(upstream, tmp_path):
     path.write_text("hello")
     with pytest.raises(InsecureTransportError, match="not PEM"):
         Front(upstream=upstream.target, port=0, tls=TLSSettings(cert_file=str(path), key_file=str(path)))
+
+
+def test_a_dead_router_is_unavailable_without_internals(front):
+    f, port = front()
+    ch, s, _ = stub(port)
+    _, err = call(s.Generate, pb.GenerateRequest(prompt="router died"), timeout=5)
+    assert err.code() == grpc.StatusCode.UNAVAILABLE and "retry" in err.details()
+    assert "pid" not in err.details() and "actor_id" not in err.details()
+    assert f.remapped == {"INTERNAL": 1}
+    ch.close()
