@@ -8,7 +8,8 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
-PY := $(VENV)/bin/python
+# -P: never put the working directory on sys.path (operator/ would shadow the stdlib module).
+PY := $(VENV)/bin/python -P
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.dgserve-installed
 
@@ -17,7 +18,7 @@ STAMP := $(VENV)/.dgserve-installed
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml setup.py
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	test -x $(VENV)/bin/python || $(PYTHON) -P -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install -q -e ".[all]"
