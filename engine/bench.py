@@ -123,11 +123,13 @@ def kv_bytes(path: Path) -> dict[str, float]:
             "bf16_formula_bytes_per_token": cfg.kv_bytes_per_token(2)}
 
 
-def run_engine_bench(out: Path | None = None, quick: bool = False) -> dict:
+def run_engine_bench(out: Path | None = None, quick: bool = False, threads: int | None = None) -> dict:
     import transformers
     from transformers import DiffusionGemmaForBlockDiffusion
 
     transformers.logging.set_verbosity_error()
+    if threads is not None:
+        torch.set_num_threads(threads)
     path = bench_model()
     new = 256 if quick else NEW
     reps = 1 if quick else 3

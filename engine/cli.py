@@ -46,6 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     b = bsub.add_parser("engine", help="our engine vs transformers' reference on a tiny config (CPU)")
     b.add_argument("--out", type=Path, default=None, help="write results as JSON here")
     b.add_argument("--quick", action="store_true", help="fewer repetitions (smoke run)")
+    b.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's). On a shared machine use 1: with more threads "
+                        "than free cores every parallel region waits for a descheduled thread")
     b.set_defaults(func=cmd_bench_engine)
 
     # `dgserve demo` (the README's first command) is registered by dgserve.serving.cli: it starts the
@@ -111,7 +114,7 @@ def cmd_check_context(args: argparse.Namespace) -> int:
 def cmd_bench_engine(args: argparse.Namespace) -> int:
     from dgserve.engine.bench import run_engine_bench
 
-    run_engine_bench(out=args.out, quick=args.quick)
+    run_engine_bench(out=args.out, quick=args.quick, threads=args.threads)
     return 0
 
 
