@@ -262,6 +262,10 @@ TMP_VOLUME = {"name": "tmp", "emptyDir": {}}
 TMP_MOUNT = {"name": "tmp", "mountPath": names.TMP_DIR}
 SECRET_MODE = 0o440  # owner and group (fsGroup) may read
 FRONT_RESOURCES = {"cpu": "500m", "memory": "1Gi"}
+# Ray's metrics agent (ray_dgserve_* and Ray's own metrics) on every Ray node; KubeRay's Prometheus
+# guide scrapes the container port named "metrics" with PodMonitors on ray.io/node-type.
+METRICS_PORT = 8080
+METRICS_START_PARAM = {"metrics-export-port": str(METRICS_PORT)}
 
 
 def _security_volumes(spec: DiffusionGemmaSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]],
@@ -356,7 +360,8 @@ def _container(name: str, spec: DiffusionGemmaSpec, resources: dict[str, str],
         "image": spec.image,
         "imagePullPolicy": spec.image_pull_policy,
         "resources": {"requests": dict(resources), "limits": dict(resources)},
-        "ports": [*ports, {"name": "grpc-proxy", "containerPort": proxy_port(spec), "protocol": "TCP"}],
+        "ports": [*ports, {"name": "grpc-proxy", "containerPort": proxy_port(spec), "protocol": "TCP"},
+                  {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
         "securityContext": copy.deepcopy(CONTAINER_SECURITY),
         "volumeMounts": [*mounts, dict(TMP_MOUNT)],
         "env": [*env, *[dict(e) for e in BASE_ENV], {"name": "DGSERVE_STATE_DIR", "value": f"{names.TMP_DIR}/dgserve"},
@@ -396,7 +401,7 @@ def _head_group(spec: DiffusionGemmaSpec, owner: Owner) -> dict[str, Any]:
     container = _container("ray-head", spec, res, [], [], ports)
     return {
         # num-cpus 0: the head runs Serve's controller and proxy, never a replica.
-        "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+        "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0", **METRICS_START_PARAM},
         "template": {"metadata": {"labels": labels(owner, "ray-head")},
                      "spec": _pod_spec(spec, [container], [], [], gpu_node=False)},
     }
@@ -424,7 +429,7 @@ def _diffusion_group(spec: DiffusionGemmaSpec, owner: Owner) -> dict[str, Any]:
         "replicas": w_min,
         "minReplicas": w_min,
         "maxReplicas": w_max,
-        "rayStartParams": {"num-gpus": str(gpus)},
+        "rayStartParams": {"num-gpus": str(gpus), **METRICS_START_PARAM},
         "resources": {DIFFUSION_RAY_RESOURCE: str(per_worker)},
         "template": {"metadata": {"labels": labels(owner, "diffusion-worker")},
                      "spec": _pod_spec(spec, [container], volumes, init, gpu_node=True)},
@@ -455,7 +460,7 @@ def _fallback_group(spec: DiffusionGemmaSpec, owner: Owner) -> dict[str, Any] | 
         "replicas": spec.fallback.replicas.min,
         "minReplicas": spec.fallback.replicas.min,
         "maxReplicas": spec.fallback.replicas.max,
-        "rayStartParams": {"num-gpus": str(inc.gpus)},
+        "rayStartParams": {"num-gpus": str(inc.gpus), **METRICS_START_PARAM},
         "resources": {FALLBACK_RAY_RESOURCE: "1"},  # one fallback replica per pod
         "template": {"metadata": {"labels": labels(owner, "fallback-worker")},
                      "spec": _pod_spec(spec, [container], volumes, init, gpu_node=inc.gpus > 0)},

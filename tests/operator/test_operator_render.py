@@ -256,6 +256,20 @@ def test_head_runs_no_replica_and_workers_carry_tolerations():
     assert pod["tolerations"] == tol and pod["nodeSelector"] == {"pool": "gpu"}
 
 
+@pytest.mark.parametrize("fallback", ["default", "hf-gpu"])
+def test_every_ray_node_exports_metrics_on_the_named_port(fallback):
+    """Prometheus (KubeRay's PodMonitor recipe) scrapes the container port named "metrics": every
+    Ray container declares it and every Ray node's metrics agent listens there."""
+    rs = build_rayservice(spec_of(fallback=FALLBACKS[fallback][0]) if fallback in FALLBACKS else spec_of(), OWNER)
+    cluster = rs["spec"]["rayClusterConfig"]
+    ray_groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    assert len(ray_groups) == (3 if fallback == "hf-gpu" else 2)  # head, diffusion (+ fallback GPUs)
+    for g in ray_groups:
+        port = int(g["rayStartParams"]["metrics-export-port"])
+        assert {"name": "metrics", "containerPort": port, "protocol": "TCP"} in container(g)["ports"]
+    check_rayservice(rs)
+
+
 def test_serve_config_is_valid_for_ray_serve():
     from ray.serve.schema import ServeDeploySchema
 
