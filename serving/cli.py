@@ -22,8 +22,10 @@ ROUTINGS = ("any", "diffusion", "autoregressive")
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve the gRPC API locally (private Ray + Serve) until Ctrl-C")
-    p.add_argument("--config", type=Path, help="AppConfig YAML (default: tiny diffusion model + SmolLM2 fallback)")
+    p.add_argument("--config", type=Path, help="AppConfig YAML (default: the bundled Sudoku diffusion model + "
+                   "SmolLM2 fallback)")
     p.add_argument("--port", type=int, help="gRPC port (default: router.grpc_port of the config, 9000)")
+    _add_diffusion_model_arg(p)
     p.set_defaults(func=cmd_serve)
 
     gen = sub._name_parser_map.get("generate")
@@ -76,6 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("demo", help="start the local stack, send demo requests, shut down")
     p.add_argument("--port", type=int, default=None, help="gRPC port (default: a free one)")
+    _add_diffusion_model_arg(p)
     p.set_defaults(func=cmd_demo)
 
 
@@ -92,12 +95,20 @@ def _dispatch_generate(local_func: Any):
 
 # --- serve ---------------------------------------------------------------------------------------
 
-def _load_config(path: Path | None, port: int | None):
+def _add_diffusion_model_arg(p: argparse.ArgumentParser) -> None:
+    from dgserve.serving.local import DIFFUSION_MODELS
+
+    p.add_argument("--diffusion-model", choices=DIFFUSION_MODELS, default=DIFFUSION_MODELS[0],
+                   help="the local stack's diffusion model (ignored with --config): the bundled trained Sudoku "
+                   "checkpoint (default) or the tiny random-weight one")
+
+
+def _load_config(path: Path | None, port: int | None, diffusion: str = "sudoku"):
     from dgserve.serving.config import AppConfig
     from dgserve.serving.local import default_config
 
     if path is None:
-        return default_config(port)
+        return default_config(port, diffusion)
     cfg = AppConfig.from_yaml(path)
     if port is not None:
         cfg = cfg.model_copy(update={"router": cfg.router.model_copy(update={"grpc_port": port})})
@@ -182,7 +193,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from dgserve.serving.security import endpoint_summary
 
     try:
-        cfg = _load_config(args.config, args.port)
+        cfg = _load_config(args.config, args.port, args.diffusion_model)
     except (OSError, ValueError) as e:
         print(f"dgserve serve: bad config: {e}", file=sys.stderr)
         return 2
@@ -312,9 +323,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from dgserve.serving.client import make_request
 
     port = args.port or local.free_port()
-    cfg = local.default_config(port)
+    cfg = local.default_config(port, args.diffusion_model)
+    sudoku = cfg.diffusion.engine.model_name == local.SUDOKU_MODEL_NAME
+    first_run = "dequantizes SmolLM2" if sudoku else "writes the tiny diffusion checkpoint and dequantizes SmolLM2"
     print(f"dgserve demo: starting the local stack (Ray + Serve, state in {local.state_dir()}); the first run "
-          "also writes the tiny diffusion checkpoint and dequantizes SmolLM2 (a minute on 2 cores) ...", flush=True)
+          f"also {first_run} (a minute on 2 cores) ...", flush=True)
     t0 = time.perf_counter()
     try:
         with local.local_stack(cfg) as target:
@@ -325,8 +338,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 info = client.info()
                 print(f"  diffusion model {info.model!r}: context {info.served_context_length} (promised "
                       f"{info.promised_context_length}), canvas {info.canvas_length}, batch cap {info.max_batch}")
-                for routing, note in (("diffusion", "tiny checkpoint with random weights: its text is noise"),
-                                      ("autoregressive", "the SmolLM2-135M-Instruct fallback")):
+                demos = [("autoregressive", "the SmolLM2-135M-Instruct fallback")]
+                if sudoku:
+                    _demo_sudoku(client)
+                else:
+                    demos.insert(0, ("diffusion", "tiny checkpoint with random weights: its text is noise"))
+                for routing, note in demos:
                     req = make_request(messages=[("user", DEMO_PROMPT)], max_new_tokens=48, seed=0, routing=routing)
                     print(f"\n> {routing} ({note}), streaming:", flush=True)
                     final = None
@@ -345,3 +362,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 1
     print("\ndgserve demo: stopped the local stack.")
     return 0
+
+
+def _demo_sudoku(client: Any) -> bool:
+    """One held-out Sudoku through the stack (given cells pinned, DIFFUSION_ONLY, drafts streamed);
+    prints the puzzle beside the model's grid and whether it is solved."""
+    from dgserve.engine.sudoku import grid
+    from dgserve.engine.sudoku.remote import DEMO_PUZZLE, build_request
+    from dgserve.engine.sudoku.tokenizer import ids_grid
+
+    puzzle = grid.parse(DEMO_PUZZLE)
+    req = build_request(puzzle, steps=32, seed=0)
+    req.stream_drafts = True
+    blanks = sum(1 for v in puzzle if not v)
+    print(f"\n> diffusion (the bundled Sudoku checkpoint: a held-out puzzle with {blanks} blanks, given cells "
+          "pinned, DIFFUSION_ONLY), streaming drafts:", flush=True)
+    ids: list[int] = []
+    final = None
+    for msg in client.stream(req, timeout=300):
+        kind = msg.WhichOneof("event")
+        if kind == "draft":
+            print(f"  step {msg.draft.step}: {msg.draft.accepted} of the {blanks} blank cells accepted", flush=True)
+        elif kind == "chunk":
+            ids.extend(msg.chunk.token_ids)
+        if msg.finished:
+            final = msg
+    solved = ids_grid(ids[:81]) if len(ids) >= 81 else tuple(ids_grid(ids)) + (0,) * (81 - len(ids))
+    print("  puzzle         model's grid")
+    for r in range(9):
+        print(f"  {_sudoku_row(puzzle, r)}    {_sudoku_row(solved, r)}")
+    ok = grid.is_valid_solution(solved, puzzle)
+    print(f"  {'solved' if ok else 'NOT solved'}: {grid.format_grid(solved, blank='0')}")
+    print(f"  {_summary(final)}", flush=True)
+    return ok
+
+
+def _sudoku_row(g: Any, r: int) -> str:
+    return " ".join("".join(str(v) if v else "." for v in g[9 * r + 3 * b: 9 * r + 3 * b + 3]) for b in range(3))

@@ -2,8 +2,9 @@
 
 Ray's temp dir lives in the state dir (``dgserve.paths.state_dir()/ray``) and Ray's token auth is
 off (``RAY_AUTH_MODE=disabled``), so nothing is written under ``~/.ray``. The default config serves
-a tiny DiffusionGemma checkpoint (generated once into the state dir; a trained checkpoint shipped
-by the project replaces it when present) with the SmolLM2 fallback.
+the trained Sudoku DiffusionGemma checkpoint shipped in the package (``dgserve.engine.sudoku``,
+docs/sudoku.md) with the SmolLM2 fallback; ``diffusion_model="tiny"`` (``--diffusion-model tiny``)
+serves the tiny random-weight checkpoint instead (generated once into the state dir).
 
 Local mode always puts the gRPC front (``serving/front.py``) on the public port: TLS when
 ``security.tls`` is set, plaintext only when ``security.allow_plaintext`` is (the built-in default
@@ -50,12 +51,38 @@ def tiny_model_dir() -> Path:
     return path
 
 
-def default_config(port: int | None = None) -> AppConfig:
-    """The embedded default: tiny diffusion model (1 replica, batch cap 4) + SmolLM2 fallback, plaintext
-    explicitly allowed on loopback only."""
+DIFFUSION_MODELS = ("sudoku", "tiny")  # choices of the local mode's diffusion model; the first is the default
+SUDOKU_MODEL_NAME = "sudoku-diffusiongemma"
+
+
+def sudoku_model_dir() -> Path | None:
+    """The trained Sudoku checkpoint shipped as package data, or None when this install lacks its weights."""
+    from dgserve.engine.sudoku.solve import default_checkpoint
+
+    path = default_checkpoint()
+    return path if (path / "config.json").exists() and (path / "model.safetensors").exists() else None
+
+
+def diffusion_model(which: str = DIFFUSION_MODELS[0]) -> tuple[Path, str]:
+    """(checkpoint directory, model name) of the local mode's diffusion model: ``"sudoku"`` (the bundled
+    trained checkpoint; the tiny one, with a warning, when the install lacks it) or ``"tiny"``."""
+    if which not in DIFFUSION_MODELS:
+        raise ValueError(f"diffusion model must be one of {DIFFUSION_MODELS}, got {which!r}")
+    if which == "sudoku":
+        path = sudoku_model_dir()
+        if path is not None:
+            return path, SUDOKU_MODEL_NAME
+        log.warning("the bundled Sudoku checkpoint is missing from this install; serving the tiny random one")
+    return tiny_model_dir(), "tiny-diffusiongemma"
+
+
+def default_config(port: int | None = None, diffusion: str = DIFFUSION_MODELS[0]) -> AppConfig:
+    """The embedded default: the bundled Sudoku diffusion model (``diffusion="tiny"``: the tiny random one;
+    1 replica, batch cap 4) + SmolLM2 fallback, plaintext explicitly allowed on loopback only."""
+    model, name = diffusion_model(diffusion)
     cfg: dict[str, Any] = {
         "promised_context_length": LOCAL_PROMISED_CONTEXT,
-        "diffusion": {"engine": {"model": str(tiny_model_dir()), "model_name": "tiny-diffusiongemma",
+        "diffusion": {"engine": {"model": str(model), "model_name": name,
                                  "max_batch": 4, "device": "cpu"}},
         "fallback": {"kind": "smollm2", "max_batch": 8, "default_max_new_tokens": 64},
         "security": {"allow_plaintext": True, "listen_host": "127.0.0.1"},

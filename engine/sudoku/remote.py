@@ -36,3 +36,7 @@ def solve_remote(address: str, puzzle: Sequence[int], steps: int = 32, seed: int
     if len(ids) < CANVAS:
         raise ValueError(f"server returned {len(ids)} tokens, expected {CANVAS} (one per cell)")
     return ids_grid(ids)
+
+
+# Test puzzle 0 at 40 blanks (``data.eval_set("test", 40, 1)``): ``dgserve demo`` sends it.
+DEMO_PUZZLE = ".75.194.3..9...7.234.....81.5.2..6.7.6875.....2...68.5732.68549..1..5.7858....21."

@@ -24,3 +24,22 @@ def test_ray_temp_dir_lives_in_the_state_dir_unless_too_long_for_unix_sockets(tm
 ])
 def test_failure_message_keeps_only_the_error_line(message, expected):
     assert local._last_error_line(message) == expected
+
+
+def test_default_diffusion_model_is_the_bundled_sudoku_checkpoint(tmp_path, monkeypatch):
+    """The local mode serves the trained Sudoku checkpoint shipped in the package, at the promised
+    context; ``diffusion="tiny"`` keeps the tiny random checkpoint (written into the state dir)."""
+    from dgserve.engine.check import check_context
+    from dgserve.engine.sudoku.solve import default_checkpoint
+
+    monkeypatch.setenv("DGSERVE_STATE_DIR", str(tmp_path))
+    cfg = local.default_config(9000)
+    assert cfg.diffusion.engine.model == str(default_checkpoint())
+    assert cfg.diffusion.engine.model_name == local.SUDOKU_MODEL_NAME
+    check_context(cfg.diffusion.engine.model, context=cfg.promised_context_length,
+                  max_batch=cfg.diffusion.engine.max_batch, device="cpu")  # raises when it could not start
+    tiny = local.default_config(9000, "tiny")
+    assert tiny.diffusion.engine.model == str(tmp_path / "models" / "tiny-diffusiongemma")
+    assert (tmp_path / "models" / "tiny-diffusiongemma" / "model.safetensors").exists()
+    with pytest.raises(ValueError, match="'huge'"):
+        local.default_config(9000, "huge")
