@@ -62,6 +62,8 @@ def register(subparsers) -> None:
     p.add_argument("--record", action="store_true",
                    help="store the solve rates in the checkpoint's dgserve_sudoku.json (read by the tests)")
     p.add_argument("--backend", choices=("engine", "reference"), default="engine")
+    p.add_argument("--ar-only", action="store_true",
+                   help="keep the diffusion numbers of <out>/sudoku_results.json, run only --ar-model, redraw the plot")
     p.add_argument("--out", default="docs", help="where sudoku_results.json and the plots go")
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_cmd_eval)
@@ -134,5 +136,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     steps = [int(s) for s in args.steps.split(",") if s.strip()]
     run_evaluation(model=args.model, ar_model=args.ar_model, n=args.n, steps=steps, sweep_blanks=args.sweep_blanks,
                    backend=args.backend, out=Path(args.out), threads=args.threads,
-                   data_dir=_sudoku_dir() / "data", sweep_n=args.sweep_n, record=args.record)
+                   data_dir=_sudoku_dir() / "data", sweep_n=args.sweep_n, record=args.record,
+                   diffusion=not args.ar_only)
     return 0

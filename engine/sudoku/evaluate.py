@@ -28,6 +28,7 @@ def score(puzzles: np.ndarray, solutions: np.ndarray, results) -> dict:
         "n": len(results), "solved": solved, "solve_rate": solved / max(1, len(results)),
         "mean_steps": float(steps.mean()), "mean_tokens_per_step": float(np.mean([81 / s for s in steps])),
         "mean_blank_cells_per_step": float(np.mean(blanks / steps)),
+        "blank_cell_accuracy": _cell_accuracy(puzzles, solutions, results),
     }
 
 
@@ -47,15 +48,26 @@ def _solver(backend: str, model: str | None, threads: int):
 
 def run_evaluation(model: str | None, ar_model: str | None, n: int, steps: Sequence[int], sweep_blanks: int,
                    backend: str, out: Path, threads: int, data_dir: Path, sweep_n: int = 1000,
-                   entropy_bounds: Sequence[float] = (0.03, 0.1, 0.3, 1.0, 3.0), record: bool = False) -> dict:
+                   entropy_bounds: Sequence[float] = (0.03, 0.1, 0.3, 1.0, 3.0), record: bool = False,
+                   diffusion: bool = True) -> dict:
     """Solve rates at 30/40/50 blanks (diffusion with the first step cap, AR greedy) on ``n``
     puzzles each, the step-cap and entropy-bound sweeps on the first ``sweep_n`` puzzles at
     ``sweep_blanks``; writes ``sudoku_results.json`` and the plot. ``record`` also stores the
-    solve rates in the checkpoint's ``dgserve_sudoku.json`` (the tests read them from there)."""
+    solve rates in the checkpoint's ``dgserve_sudoku.json`` (the tests read them from there).
+    ``diffusion=False`` keeps the diffusion numbers of an earlier run's ``sudoku_results.json``
+    and only (re)runs the autoregressive twin, then redraws the plot."""
     from tqdm import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
     sets = {b: data.eval_set("test", b, n, data_dir) for b in data.EVAL_BLANKS}
+    if not diffusion:
+        res = json.loads((out / "sudoku_results.json").read_text())
+        if ar_model:
+            res["ar"] = _run_ar(ar_model, sets, threads, tqdm)
+            res["ar_n_per_level"] = n
+        (out / "sudoku_results.json").write_text(json.dumps(res, indent=2) + "\n")
+        plot_results(res, out / "sudoku_solve_rate.png")
+        return res
     res: dict = {"machine": f"{platform.machine()} CPU, torch threads={threads}", "n_per_level": n,
                  "sweep_n": sweep_n, "sweep_blanks": sweep_blanks,
                  "backend": backend, "diffusion": {}, "ar": {}, "steps_sweep": [], "entropy_sweep": []}
@@ -76,14 +88,7 @@ def run_evaluation(model: str | None, ar_model: str | None, n: int, steps: Seque
         r = score(puz, sol, solver.solve(list(puz), steps=main, seed=2000, entropy_bound=eb))
         res["entropy_sweep"].append({"entropy_bound": eb, "max_denoising_steps": main, **r})
     if ar_model:
-        from .solve import ARSolver
-
-        ar = ARSolver(ar_model, threads=threads)
-        for b, (puz, sol) in tqdm(sets.items(), desc="autoregressive"):
-            t0 = time.time()
-            r = score(puz, sol, ar.solve(list(puz)))
-            r["seconds"] = round(time.time() - t0, 1)
-            res["ar"][str(b)] = r
+        res["ar"] = _run_ar(ar_model, sets, threads, tqdm)
     (out / "sudoku_results.json").write_text(json.dumps(res, indent=2) + "\n")
     plot_results(res, out / "sudoku_solve_rate.png")
     picture_puzzle, picture_solution = sets[sweep_blanks][0][0], sets[sweep_blanks][1][0]
@@ -92,6 +97,8 @@ def run_evaluation(model: str | None, ar_model: str | None, n: int, steps: Seque
                    title=f"One canvas, test puzzle 0 at {sweep_blanks} blanks, max_denoising_steps={main}: "
                          "black = given (pinned), blue = accepted this step (red: wrong), grey = renoised",
                    solution=[int(v) for v in picture_solution])
+    (out / "sudoku_denoising.txt").write_text(
+        format_denoising_text([int(v) for v in picture_puzzle], frames, [int(v) for v in picture_solution]))
     if record:
         from .solve import default_checkpoint
 
@@ -102,6 +109,64 @@ def run_evaluation(model: str | None, ar_model: str | None, n: int, steps: Seque
             for k, v in res["diffusion"].items()}
         meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     return res
+
+
+def _run_ar(ar_model: str, sets: dict, threads: int, tqdm) -> dict:
+    from .solve import ARSolver
+
+    ar = ARSolver(ar_model, threads=threads)
+    out = {}
+    for b, (puz, sol) in tqdm(sets.items(), desc="autoregressive"):
+        t0 = time.time()
+        results = ar.solve(list(puz))
+        r = score(puz, sol, results)
+        r["seconds"] = round(time.time() - t0, 1)
+        out[str(b)] = r
+    return out
+
+
+def _cell_accuracy(puzzles: np.ndarray, solutions: np.ndarray, results) -> float:
+    """Fraction of blank cells filled with the right digit."""
+    right = total = 0
+    for p, s, r in zip(puzzles, solutions, results):
+        for i in range(81):
+            if not p[i]:
+                total += 1
+                right += int(r.grid[i] == int(s[i]))
+    return right / max(1, total)
+
+
+def format_denoising_text(puzzle: Sequence[int], frames: list[dict], solution: Sequence[int] | None = None) -> str:
+    """The frames of :func:`trace_denoising` as text, one 9x9 grid per step: given cells and
+    cells kept (accepted) after the step as digits, renoised cells as ``_``; the header counts
+    the kept blank cells and, given ``solution``, how many of them are wrong."""
+    blocks = []
+    for fr in frames:
+        rows = []
+        wrong = 0
+        for r in range(9):
+            cells = []
+            for c in range(9):
+                i = 9 * r + c
+                tok = int(fr["canvas"][i])
+                digit = tok - data.DIGIT0 if data.DIGIT0 < tok <= data.DIGIT0 + 9 else 0
+                if puzzle[i] or fr["accepted"][i]:
+                    cells.append(str(digit) if digit else "?")
+                    if not puzzle[i] and solution is not None and digit != int(solution[i]):
+                        wrong += 1
+                else:
+                    cells.append("_")
+                if c in (2, 5):
+                    cells.append("|")
+            rows.append(" ".join(cells))
+            if r in (2, 5):
+                rows.append("------+-------+------")
+        kept = sum(1 for i in range(81) if fr["accepted"][i] and not puzzle[i])
+        blanks = sum(1 for v in puzzle if not v)
+        head = f"step {fr['step']}: {kept}/{blanks} blank cells kept" + (
+            f", {wrong} of them wrong" if solution is not None else "")
+        blocks.append(head + "\n" + "\n".join(rows))
+    return "\n\n".join(blocks) + "\n"
 
 
 def plot_results(res: dict, path: Path) -> None:
