@@ -112,6 +112,30 @@ def time_reference(hf, ids: torch.Tensor, new: int, steps: int, device: torch.de
     return dt
 
 
+def check_logits(engine, hf, prompt_len: int = 256) -> dict:
+    """Decoder logits of one canvas after a prompt, ours vs the reference, in the benchmark's dtype on
+    its device: max and mean absolute difference, and how often the argmax agrees."""
+    from transformers import DynamicCache
+
+    from .kv_cache import KVCache
+
+    cfg, model, device = engine.model_config, engine.model, engine.device
+    g = torch.Generator().manual_seed(7)
+    prompt = torch.randint(10, cfg.vocab_size, (prompt_len,), generator=g).to(device)
+    canvas = torch.randint(10, cfg.vocab_size, (cfg.canvas_length,), generator=g).to(device)
+    cache = KVCache(cfg, 1, prompt_len + cfg.canvas_length, prompt_len, engine.dtype, device)
+    with torch.no_grad():
+        model.forward_one(cache, slot=0, cache_len=0, new_ids=prompt, logits_for="new")
+        got = model.forward_one(cache, slot=0, cache_len=prompt_len, canvas_ids=canvas).float()
+        hf_cache = DynamicCache(config=hf.config.get_text_config(decoder=True))
+        hf.model.encoder(input_ids=prompt[None], cache=hf_cache)
+        want = hf(cache=hf_cache, decoder_input_ids=canvas[None]).logits[0].float()
+    diff = (got - want).abs()
+    return {"prompt": prompt_len, "max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item(),
+            "logit_scale": want.abs().mean().item(),
+            "argmax_agreement": (got.argmax(-1) == want.argmax(-1)).float().mean().item()}
+
+
 def run(args: argparse.Namespace) -> dict:
     import transformers
     from transformers import DiffusionGemmaForBlockDiffusion
@@ -124,6 +148,7 @@ def run(args: argparse.Namespace) -> dict:
     path = write_checkpoint(Path(args.dir or tempfile.mkdtemp(prefix="dgbench-")) / "model", args.shapes,
                             args.layers, device)
     setup = {"write_checkpoint_s": time.perf_counter() - t}
+    print(f"checkpoint written in {setup['write_checkpoint_s']:.1f} s", flush=True)
     cfg = ModelConfig.from_dir(path)
     dtype = "bfloat16" if device.type == "cuda" else "float32"
     t = time.perf_counter()
@@ -146,6 +171,9 @@ def run(args: argparse.Namespace) -> dict:
         "setup": setup, "batches": {},
     }
     try:
+        if args.tensor_parallel_size == 1:
+            results["logits_check"] = check_logits(engine, hf)
+            print("logits check:", results["logits_check"], flush=True)
         warm = torch.randint(10, cfg.vocab_size, (1, args.prompt), generator=g)
         time_ours(engine, warm, cfg.canvas_length, args.steps)
         time_reference(hf, warm, cfg.canvas_length, args.steps, device)
@@ -165,6 +193,7 @@ def run(args: argparse.Namespace) -> dict:
                 "reference_canvas_ms": 1e3 * statistics.median(ref) / n_canvas,
                 "ours_s": ours, "reference_s": ref,
             }
+            print(f"batch {batch}:", results["batches"][batch], flush=True)
     finally:
         engine.shutdown()
     return results
