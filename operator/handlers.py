@@ -43,11 +43,12 @@ def run_step(step: Callable[[], Any]) -> Any:
 
 
 def configure(settings: kopf.OperatorSettings) -> None:
-    """kopf settings that keep ``.status`` ours and events quiet."""
+    """kopf settings that keep ``.status`` ours and post handler outcomes (INFO and up) as events."""
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=names.KOPF_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=names.KOPF_PREFIX)
     settings.persistence.finalizer = names.FINALIZER
     settings.posting.level = logging.INFO
+    settings.posting.loggers = True  # kopf >= 1.45 posts log messages as events only when asked to
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
 

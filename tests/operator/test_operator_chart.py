@@ -128,7 +128,7 @@ def expand(group, resources, verbs):
 # resource discovery and peering.
 WORKLOAD_RULES = (
     expand("dgserve.io", ["diffusiongemmas"], ["get", "list", "watch", "patch"])
-    | expand("dgserve.io", ["diffusiongemmas/status"], ["get", "patch"])
+    | expand("dgserve.io", ["diffusiongemmas/status"], ["patch"])
     | expand("dgserve.io", ["diffusiongemmas/finalizers"], ["update"])
     | expand("ray.io", ["rayservices"], ["get", "list", "watch", "create", "patch"])
     | expand("", ["events"], ["create"])
@@ -139,7 +139,7 @@ def test_rbac_is_least_privilege(helm):
     docs = template(helm)
     assert rules(docs, "-workloads") == WORKLOAD_RULES
     assert rules(docs, "-cluster") == (expand("apiextensions.k8s.io", ["customresourcedefinitions"], ["list", "watch"])
-                                       | expand("kopf.dev", ["clusterkopfpeerings"], ["get", "list", "watch", "patch"]))
+                                       | expand("kopf.dev", ["clusterkopfpeerings"], ["list", "watch", "patch"]))
     everything = rules(docs, "-workloads") | rules(docs, "-cluster")
     assert not any("*" in (g, r, v) or v in ("delete", "deletecollection", "escalate", "bind", "impersonate")
                    or r == "secrets" for g, r, v in everything)
@@ -153,7 +153,7 @@ def test_namespaced_install_binds_per_namespace(helm):
     assert {b["metadata"]["namespace"] for b in by_kind(docs, "RoleBinding")} == {"team-a", "team-b"}
     assert [b["roleRef"]["name"] for b in by_kind(docs, "ClusterRoleBinding")] == ["dgserve-operator-cluster"]
     assert rules(docs, "-workloads") == WORKLOAD_RULES | expand("kopf.dev", ["kopfpeerings"],
-                                                                ["get", "list", "watch", "patch"])
+                                                                ["list", "watch", "patch"])
     assert {p["metadata"]["namespace"] for p in by_kind(docs, "KopfPeering")} == {"team-a", "team-b"}
     (dep,) = by_kind(docs, "Deployment")
     args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
