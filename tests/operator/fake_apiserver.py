@@ -217,7 +217,8 @@ class FakeApiServer:
                 if sub == "status":
                     new = merge_patch(current, {"status": (data or {}).get("status")})
                 else:
-                    data = {k: v for k, v in (data or {}).items() if k != "status"}
+                    if "status" in self._subresources(group, plural):  # status only through its subresource
+                        data = {k: v for k, v in (data or {}).items() if k != "status"}
                     if not self._owner_finalizers(data, method, path, ns):
                         return 403, _status(403, "cannot set blockOwnerDeletion", "Forbidden"), None
                     new = merge_patch(current, data)
@@ -225,6 +226,14 @@ class FakeApiServer:
                         new["metadata"]["generation"] = current["metadata"].get("generation", 1) + 1
                 return 200, self._store(group, plural, ns, new, "MODIFIED"), None
             return 405, _status(405, f"{method} not supported by the fake"), None
+
+    @staticmethod
+    def _subresources(group: str, plural: str) -> tuple[str, ...]:
+        for listed in RESOURCES.get(group, {}).values():
+            for p, _, _, subs in listed:
+                if p == plural:
+                    return subs
+        return ()
 
     def _owner_finalizers(self, data: Any, method: str, path: str, ns: str) -> bool:
         for ref in ((data or {}).get("metadata") or {}).get("ownerReferences") or []:
