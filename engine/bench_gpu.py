@@ -112,28 +112,51 @@ def time_reference(hf, ids: torch.Tensor, new: int, steps: int, device: torch.de
     return dt
 
 
-def check_logits(engine, hf, prompt_len: int = 256) -> dict:
-    """Decoder logits of one canvas after a prompt, ours vs the reference, in the benchmark's dtype on
-    its device: max and mean absolute difference, and how often the argmax agrees."""
+def _reference_logits(hf, prompt: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor:
     from transformers import DynamicCache
 
+    device = next(hf.parameters()).device
+    with torch.no_grad():
+        cache = DynamicCache(config=hf.config.get_text_config(decoder=True))
+        hf.model.encoder(input_ids=prompt[None].to(device), cache=cache)
+        return hf(cache=cache, decoder_input_ids=canvas[None].to(device)).logits[0].float()
+
+
+def check_logits(engine, hf, path: Path | None = None, prompt_len: int = 256) -> dict:
+    """Decoder logits of one canvas after a prompt, ours vs the reference, both in the benchmark's
+    dtype on its device: max and mean absolute difference and argmax agreement. With ``path``, also
+    both against the reference in float32 (loaded from ``path``): in bf16 two correct
+    implementations differ by rounding, and what matters is that ours is as close to the fp32
+    result as the reference is."""
     from .kv_cache import KVCache
 
     cfg, model, device = engine.model_config, engine.model, engine.device
     g = torch.Generator().manual_seed(7)
-    prompt = torch.randint(10, cfg.vocab_size, (prompt_len,), generator=g).to(device)
-    canvas = torch.randint(10, cfg.vocab_size, (cfg.canvas_length,), generator=g).to(device)
+    prompt = torch.randint(10, cfg.vocab_size, (prompt_len,), generator=g)  # ours takes host ids
+    canvas = torch.randint(10, cfg.vocab_size, (cfg.canvas_length,), generator=g)
     cache = KVCache(cfg, 1, prompt_len + cfg.canvas_length, prompt_len, engine.dtype, device)
     with torch.no_grad():
         model.forward_one(cache, slot=0, cache_len=0, new_ids=prompt, logits_for="new")
         got = model.forward_one(cache, slot=0, cache_len=prompt_len, canvas_ids=canvas).float()
-        hf_cache = DynamicCache(config=hf.config.get_text_config(decoder=True))
-        hf.model.encoder(input_ids=prompt[None], cache=hf_cache)
-        want = hf(cache=hf_cache, decoder_input_ids=canvas[None]).logits[0].float()
-    diff = (got - want).abs()
-    return {"prompt": prompt_len, "max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item(),
-            "logit_scale": want.abs().mean().item(),
-            "argmax_agreement": (got.argmax(-1) == want.argmax(-1)).float().mean().item()}
+    want = _reference_logits(hf, prompt, canvas)
+
+    def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
+        d = (a - b).abs()
+        return {"max_abs_diff": d.max().item(), "mean_abs_diff": d.mean().item(),
+                "argmax_agreement": (a.argmax(-1) == b.argmax(-1)).float().mean().item()}
+
+    out = {"prompt": prompt_len, "logit_scale": want.abs().mean().item(), "ours_vs_reference": compare(got, want)}
+    if path is not None:
+        from transformers import DiffusionGemmaForBlockDiffusion
+
+        hf32 = DiffusionGemmaForBlockDiffusion.from_pretrained(str(path), dtype=torch.float32).to(device).eval()
+        exact = _reference_logits(hf32, prompt, canvas)
+        del hf32
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        out["ours_vs_reference_fp32"] = compare(got, exact)
+        out["reference_vs_reference_fp32"] = compare(want, exact)
+    return out
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -172,7 +195,7 @@ def run(args: argparse.Namespace) -> dict:
     }
     try:
         if args.tensor_parallel_size == 1:
-            results["logits_check"] = check_logits(engine, hf)
+            results["logits_check"] = check_logits(engine, hf, path if args.accuracy else None)
             print("logits check:", results["logits_check"], flush=True)
         warm = torch.randint(10, cfg.vocab_size, (1, args.prompt), generator=g)
         time_ours(engine, warm, cfg.canvas_length, args.steps)
@@ -194,9 +217,27 @@ def run(args: argparse.Namespace) -> dict:
                 "ours_s": ours, "reference_s": ref,
             }
             print(f"batch {batch}:", results["batches"][batch], flush=True)
+        if args.profile:
+            results["profile"] = profile_ours(engine, cfg, args, g)
     finally:
         engine.shutdown()
     return results
+
+
+def profile_ours(engine, cfg, args: argparse.Namespace, g: torch.Generator) -> str:
+    """torch.profiler over one batch-1 generation of ours: the top operators by self device time
+    and by self host time (where a step's wall time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.randint(10, cfg.vocab_size, (1, args.prompt), generator=g)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        time_ours(engine, ids, args.new_tokens, args.steps)
+    ev = prof.key_averages()
+    sort = "self_cuda_time_total" if engine.device.type == "cuda" else "self_cpu_time_total"
+    text = ev.table(sort_by=sort, row_limit=20) + "\n" + ev.table(sort_by="self_cpu_time_total", row_limit=15)
+    print(text, flush=True)
+    return text
 
 
 def format_results(r: dict) -> str:
@@ -224,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=512)
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--profile", action="store_true", help="profile one batch-1 generation of ours at the end")
+    p.add_argument("--accuracy", action="store_true",
+                   help="also compare both implementations with the reference in float32 (loads it once more)")
     p.add_argument("--dir", default=None, help="where to write the random checkpoint (default: a temp dir)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
