@@ -12,19 +12,11 @@ import pytest
 import yaml
 
 from dgserve.operator import manifests
-from dgserve.operator.tools import ToolUnavailableError, ensure_tool
+from dgserve.operator.tools import ensure_tool
 from operator_testlib import REPO_ROOT, load_yaml_docs, strict, validate, version_schema
 
 K8S_VERSION = "1.35.0"
 CHART = REPO_ROOT / manifests.CHART
-
-
-@pytest.fixture(scope="module")
-def helm():
-    try:
-        return str(ensure_tool("helm"))
-    except ToolUnavailableError as e:
-        pytest.fail(f"helm is part of the test set-up (make venv installs it): {e}")
 
 
 def template(helm, *sets, include_crds=False):

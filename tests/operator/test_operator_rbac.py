@@ -28,7 +28,6 @@ import yaml
 from fake_apiserver import FakeApiServer, start_operator, stop_operator
 
 from dgserve.operator import manifests, names
-from dgserve.operator.tools import ToolUnavailableError, ensure_tool
 from operator_testlib import REPO_ROOT, load_yaml_docs
 
 pytestmark = [pytest.mark.timeout(300)]
@@ -49,14 +48,6 @@ CLIENT_METHODS = {
     "patch_namespaced_custom_object": "patch",
     "patch_namespaced_custom_object_status": "patch",
 }
-
-
-@pytest.fixture(scope="module")
-def helm():
-    try:
-        return str(ensure_tool("helm"))
-    except ToolUnavailableError as e:
-        pytest.fail(f"helm is part of the test set-up (make venv installs it): {e}")
 
 
 def template(helm: str, *sets: str) -> list[dict]:

@@ -12,7 +12,6 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from dgserve.operator.tools import ToolUnavailableError, ensure_tool
 from dgserve.serving import telemetry
 
 REPO = Path(__file__).resolve().parents[2]
@@ -131,14 +130,6 @@ def test_dashboard_shows_the_batch_band_and_the_issue_s_views(dashboard):
 def test_chart_ships_the_same_dashboard():
     assert (CHART / "dashboards/dgserve-dashboard.json").read_bytes() == DASHBOARD.read_bytes(), \
         "copy deploy/grafana/dgserve-dashboard.json to charts/dgserve-operator/dashboards/"
-
-
-@pytest.fixture(scope="module")
-def helm():
-    try:
-        return str(ensure_tool("helm"))
-    except ToolUnavailableError as e:
-        pytest.fail(f"helm is part of the test set-up (make venv installs it): {e}")
 
 
 def _template(helm, *sets):
