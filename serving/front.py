@@ -245,14 +245,9 @@ class Front(grpc.GenericRpcHandler):
         async with self._admitted(m, context, request) as metadata:
             assert self._channel is not None
             call = self._channel.unary_stream(m.name)(request, metadata=metadata, timeout=context.time_remaining())
-            try:
-                async for message in call:
+            async with contextlib.aclosing(self._relay_stream(call, context)) as stream:  # a gone client closes it now
+                async for message in stream:
                     yield message
-            except grpc.aio.AioRpcError as e:
-                await self._relay_error(context, e)
-            finally:
-                if not call.done():
-                    call.cancel()  # the client went away: abort upstream, which frees the engine slot
             self.forwarded += 1
 
     async def _bidi(self, m: _Method, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
@@ -260,14 +255,20 @@ class Front(grpc.GenericRpcHandler):
         async with self._admitted(m, context) as metadata:
             assert self._channel is not None
             call = self._channel.stream_stream(m.name)(requests, metadata=metadata, timeout=context.time_remaining())
-            try:
-                async for message in call:
+            async with contextlib.aclosing(self._relay_stream(call, context)) as stream:  # a gone client closes it now
+                async for message in stream:
                     yield message
-            except grpc.aio.AioRpcError as e:
-                await self._relay_error(context, e)
-            finally:
-                if not call.done():
-                    call.cancel()
+
+    async def _relay_stream(self, call, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        """Upstream messages to the client; upstream errors as the client's status."""
+        try:
+            async for message in call:
+                yield message
+        except grpc.aio.AioRpcError as e:
+            await self._relay_error(context, e)
+        finally:
+            if not call.done():
+                call.cancel()  # the client went away: abort upstream, which frees the engine slot
 
 
 class FrontThread:

@@ -29,6 +29,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from dgserve.operator import names
+from operator_testlib import merge_patch
 
 # group -> version -> [(plural, kind, namespaced, subresources)]
 RESOURCES: dict[str, dict[str, list[tuple[str, str, bool, tuple[str, ...]]]]] = {
@@ -42,18 +43,6 @@ RESOURCES: dict[str, dict[str, list[tuple[str, str, bool, tuple[str, ...]]]]] = 
 ALL_VERBS = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
 _PATH = re.compile(r"^/(?:api/(?P<core>v1)|apis/(?P<group>[^/]+)/(?P<version>[^/]+))"
                    r"(?:/namespaces/(?P<ns>[^/]+))?/(?P<plural>[^/]+)(?:/(?P<name>[^/]+))?(?:/(?P<sub>[^/]+))?$")
-
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    out = copy.deepcopy(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            out.pop(key, None)
-        else:
-            out[key] = merge_patch(out.get(key), value)
-    return out
 
 
 class FakeApiServer:
