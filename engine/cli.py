@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b = bsub.add_parser("engine", help="our engine vs transformers' reference on a tiny config (CPU)")
     b.add_argument("--out", type=Path, default=None, help="write results as JSON here")
     b.add_argument("--quick", action="store_true", help="fewer repetitions (smoke run)")
-    b.add_argument("--threads", type=int, default=None,
+    b.add_argument("--threads", type=_positive_int, default=None,
                    help="torch threads (default: torch's). On a shared machine use 1: with more threads "
                         "than free cores every parallel region waits for a descheduled thread")
     b.set_defaults(func=cmd_bench_engine)
@@ -54,6 +54,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     # `dgserve demo` (the README's first command) is registered by dgserve.serving.cli: it starts the
     # local stack. cmd_demo below is the in-process variant, kept callable for engine-only use.
     __import__("dgserve.engine.sudoku.cli", fromlist=["register"]).register(sub)  # train, sudoku, sudoku-eval
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _engine(model: str, **kw):

@@ -60,3 +60,11 @@ def test_engine_config_overrides_the_checkpoint_sampler_defaults(tiny_dir):
         3, 0.5, 0.0)
     res = eng.generate_batch([GenerationRequest("d", (2, 3), SamplingParams(max_new_tokens=40))])[0]
     assert set(res.stats.steps_per_canvas) == {3} and eng.info().default_max_denoising_steps == 3
+
+
+def test_bench_refuses_a_thread_count_below_one(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "engine", "--threads", "0"])
+    assert e.value.code == 2 and "--threads: must be at least 1, got 0" in capsys.readouterr().err
