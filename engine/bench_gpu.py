@@ -2,6 +2,7 @@
 
     python -m dgserve.engine.bench_gpu --out bench_gpu.json            # on a GPU machine
     python -m dgserve.engine.bench_gpu --shapes tiny --device cpu ...  # smoke run of the script
+    python -m dgserve.engine.bench_gpu --invariance --layers 2         # batch invariance only
 
 Config ("real" shapes): the published DiffusionGemma-26B-A4B layer shapes (hidden 2816, 16
 heads, 8/2 KV heads, head_dim 256/512, dense MLP 2112, 128 experts x 704 top-8, vocabulary
@@ -160,12 +161,10 @@ def check_logits(engine, hf, path: Path | None = None, prompt_len: int = 256) ->
 
 
 def run(args: argparse.Namespace) -> dict:
-    import transformers
-    from transformers import DiffusionGemmaForBlockDiffusion
-
+    from .layers import Experts
     from .parallel import launch
 
-    transformers.logging.set_verbosity_error()
+    Experts.grouped = {"auto": None, "loop": False, "grouped": True}[args.experts]
     device = torch.device(args.device)
     t = time.perf_counter()
     path = write_checkpoint(Path(args.dir or tempfile.mkdtemp(prefix="dgbench-")) / "model", args.shapes,
@@ -179,6 +178,17 @@ def run(args: argparse.Namespace) -> dict:
                                  context_length=args.prompt + args.new_tokens + cfg.canvas_length,
                                  tensor_parallel_size=args.tensor_parallel_size))
     setup["load_ours_s"] = time.perf_counter() - t
+    if args.invariance:
+        try:
+            return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                    "versions": f"torch {torch.__version__}", "layers": args.layers, "dtype": dtype, "setup": setup,
+                    "batch_invariance": check_batch_invariance(engine, cfg, args)}
+        finally:
+            engine.shutdown()
+    import transformers
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    transformers.logging.set_verbosity_error()
     t = time.perf_counter()
     hf = DiffusionGemmaForBlockDiffusion.from_pretrained(str(path), dtype=getattr(torch, dtype)).to(device).eval()
     setup["load_reference_s"] = time.perf_counter() - t
@@ -222,6 +232,57 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         engine.shutdown()
     return results
+
+
+def _generate(engine, requests: list[GenerationRequest], join_after: int = 0) -> dict[str, tuple[int, ...]]:
+    """Run ``requests`` to the end and return each one's output tokens. The first request starts
+    alone; the others join after ``join_after`` engine steps (0: all in the first step)."""
+    out: dict[str, list[int]] = {r.request_id: [] for r in requests}
+    engine.add_request(requests[0])
+    pending, steps = list(requests[1:]), 0
+    while engine.has_unfinished() or pending:
+        if pending and steps >= join_after:
+            for r in pending:
+                engine.add_request(r)
+            pending = []
+        for ev in engine.step():
+            if isinstance(ev, CanvasEvent):
+                out[ev.request_id] += ev.token_ids
+        steps += 1
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def compare_outputs(want: dict[str, tuple[int, ...]], got: dict[str, tuple[int, ...]]) -> dict:
+    """How many of ``got``'s requests match ``want`` token for token, and where each other one first differs."""
+    first_diff = {k: next((i for i, (x, y) in enumerate(zip(want[k], v)) if x != y), min(len(want[k]), len(v)))
+                  for k, v in got.items() if want[k] != v}
+    return {"identical": len(got) - len(first_diff), "of": len(got), "first_differing_position": first_diff}
+
+
+def check_batch_invariance(engine, cfg, args: argparse.Namespace) -> dict:
+    """Does a seeded request give the same tokens alone as in a full batch? Eight requests, each
+    run alone (twice: run-to-run determinism), then all eight at once, then request 0 alone for two
+    steps with the other seven joining (the batch changes under it). Reports, per comparison, how
+    many requests came out token-identical and the first differing position of each that did not.
+
+    Random weights give near-uniform logits, so a last-bit difference flips an argmax far more
+    easily than with a trained model: a difference here bounds the real one from above."""
+    g = torch.Generator().manual_seed(1)
+    prompts = [tuple(torch.randint(10, cfg.vocab_size, (args.prompt,), generator=g).tolist()) for _ in range(8)]
+
+    def requests() -> list[GenerationRequest]:
+        return [GenerationRequest(f"b{i}", p, SamplingParams(max_new_tokens=args.new_tokens,
+                                                             max_denoising_steps=args.steps,
+                                                             confidence_threshold=0.0, seed=100 + i))
+                for i, p in enumerate(prompts)]
+
+    alone = {k: v for r in requests() for k, v in _generate(engine, [r]).items()}
+    again = {k: v for r in requests() for k, v in _generate(engine, [r]).items()}
+    full = _generate(engine, requests())
+    staggered = _generate(engine, requests(), join_after=2)
+    return {"new_tokens": args.new_tokens, "steps": args.steps, "prompt": args.prompt,
+            "alone_vs_alone_again": compare_outputs(alone, again), "alone_vs_full_batch": compare_outputs(alone, full),
+            "alone_vs_joined_mid_canvas": compare_outputs(alone, {"b0": staggered["b0"]})}
 
 
 def profile_ours(engine, cfg, args: argparse.Namespace, g: torch.Generator) -> str:
@@ -268,11 +329,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true", help="profile one batch-1 generation of ours at the end")
     p.add_argument("--accuracy", action="store_true",
                    help="also compare both implementations with the reference in float32 (loads it once more)")
+    p.add_argument("--invariance", action="store_true",
+                   help="only check batch invariance of our engine (no reference, no timing)")
+    p.add_argument("--experts", choices=["auto", "loop", "grouped"], default="auto",
+                   help="our MoE path: auto (grouped GEMM on CUDA), or force the padded per-expert loop or grouped")
     p.add_argument("--dir", default=None, help="where to write the random checkpoint (default: a temp dir)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     results = run(args)
-    print(format_results(results))
+    print(json.dumps(results["batch_invariance"], indent=2) if args.invariance else format_results(results))
     if args.out is not None:
         args.out.write_text(json.dumps(results, indent=2))
     return 0

@@ -68,3 +68,27 @@ def test_bench_refuses_a_thread_count_below_one(capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", "engine", "--threads", "0"])
     assert e.value.code == 2 and "--threads: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_bench_gpu_invariance_check_on_cpu(tmp_path):
+    """The GPU script's batch-invariance mode, run on the CPU with a tiny config: there the engine is
+    batch-invariant, so all eight requests must match their solo runs (on an H200 they do not:
+    docs/benchmarks.md)."""
+    import json
+
+    from dgserve.engine import bench_gpu
+
+    out = tmp_path / "inv.json"
+    assert bench_gpu.main(["--shapes", "tiny", "--device", "cpu", "--invariance", "--layers", "2", "--prompt", "24",
+                           "--new-tokens", "40", "--steps", "3", "--dir", str(tmp_path), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())["batch_invariance"]
+    for name in ("alone_vs_alone_again", "alone_vs_full_batch", "alone_vs_joined_mid_canvas"):
+        assert report[name]["identical"] == report[name]["of"] > 0, (name, report[name])
+
+
+def test_bench_gpu_compare_outputs_names_the_first_difference():
+    from dgserve.engine.bench_gpu import compare_outputs
+
+    want = {"a": (1, 2, 3), "b": (4, 5, 6), "c": (7, 8)}
+    got = {"a": (1, 2, 3), "b": (4, 9, 6), "c": (7, 8, 0)}
+    assert compare_outputs(want, got) == {"identical": 1, "of": 3, "first_differing_position": {"b": 1, "c": 2}}
