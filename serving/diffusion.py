@@ -27,7 +27,17 @@ from opentelemetry.trace import INVALID_SPAN
 from . import telemetry
 from .config import AppConfig
 from .errors import failure_code_name
-from .messages import BackendInfo, BackendRequest, Chunk, DraftProgress, Event, Failure, Final
+from .messages import (
+    BackendDeadlineExceeded,
+    BackendInfo,
+    BackendRequest,
+    Chunk,
+    DraftProgress,
+    Event,
+    Failure,
+    Final,
+    within_deadline,
+)
 from .telemetry import ReplicaMetrics, Tracing
 
 log = logging.getLogger("dgserve.serving")
@@ -206,7 +216,8 @@ class DiffusionReplica:
         return [ev async for ev in self.generate(req) if not isinstance(ev, DraftProgress)]
 
     async def generate(self, req: BackendRequest) -> AsyncIterator[Event]:
-        """Events of one request; a closed/cancelled stream aborts it in the engine at once."""
+        """Events of one request; a closed/cancelled stream aborts it in the engine at once, and so does
+        the deadline the request carries."""
         in_flight = self.stats.admit()
         self._metrics.admitted(in_flight)
         span = self._span(req, in_flight) if self._tracing.enabled else INVALID_SPAN
@@ -222,7 +233,7 @@ class DiffusionReplica:
                 yield Failure(*outcome)
                 return
             stream = self.engine.generate(greq)
-            async for ev in stream:
+            async for ev in within_deadline(stream, req):
                 if isinstance(ev, DraftEvent):
                     text = self.engine.tokenizer.decode(list(ev.draft_token_ids)) if self.engine.tokenizer else ""
                     yield DraftProgress(ev.canvas_index, ev.step, ev.accepted, tuple(ev.draft_token_ids), text)
@@ -248,7 +259,7 @@ class DiffusionReplica:
             yield Failure(*outcome)
         except asyncio.CancelledError:
             raise
-        except DGServeError as e:  # typed per-request errors (and EngineDeadError -> UNAVAILABLE)
+        except (DGServeError, BackendDeadlineExceeded) as e:  # typed per-request errors, EngineDeadError, deadline
             outcome = failure_code_name(e)
             yield Failure(*outcome)
         except Exception as e:  # never leak a traceback to the client
@@ -257,7 +268,7 @@ class DiffusionReplica:
             yield Failure(*outcome)
         finally:
             if stream is not None:
-                await _aclose(stream)  # aborts the request in the engine and frees its slot
+                await close_stream(stream)  # aborts the request in the engine and frees its slot
             self.stats.done()
             self._metrics.in_flight(self.stats.in_flight)
             telemetry.end_span(span, *outcome, rpc=False)
@@ -322,7 +333,8 @@ def _continuation_ids(tok: Any, text: str) -> list[int]:
     return ids
 
 
-async def _aclose(stream: Any) -> None:
+async def close_stream(stream: Any) -> None:
+    """Closes an async generator (which aborts an unfinished request in its backend), ignoring errors."""
     aclose = getattr(stream, "aclose", None)
     if aclose is not None:
         try:

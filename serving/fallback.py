@@ -42,9 +42,18 @@ from opentelemetry.trace import INVALID_SPAN
 
 from . import telemetry
 from .config import AppConfig, FallbackConfig
-from .diffusion import ReplicaStats, check_served_context, replica_id
+from .diffusion import ReplicaStats, close_stream, check_served_context, replica_id
 from .errors import failure_code_name
-from .messages import BackendInfo, BackendRequest, Chunk, Event, Failure, Final
+from .messages import (
+    BackendDeadlineExceeded,
+    BackendInfo,
+    BackendRequest,
+    Chunk,
+    Event,
+    Failure,
+    Final,
+    within_deadline,
+)
 from .telemetry import ReplicaMetrics, Tracing
 
 log = logging.getLogger("dgserve.serving")
@@ -382,11 +391,13 @@ class AutoregressiveFallback:
         start = time.perf_counter()
         first: float | None = None
         n_tokens, index, prompt_tokens, reason = 0, 0, 0, None
+        pieces = None
         try:
             if req.needs_diffusion:
                 raise InvalidRequestError("pinned positions and infill need a diffusion backend, not the "
                                           "autoregressive fallback")
-            async for piece in self.backend.generate(req):
+            pieces = self.backend.generate(req)
+            async for piece in within_deadline(pieces, req):
                 if first is None:
                     first = time.perf_counter() - start
                 new = len(piece.token_ids) if piece.token_ids else (1 if piece.text else 0)
@@ -409,7 +420,7 @@ class AutoregressiveFallback:
             yield final
         except asyncio.CancelledError:
             raise
-        except DGServeError as e:
+        except (DGServeError, BackendDeadlineExceeded) as e:
             outcome = failure_code_name(e)
             yield Failure(*outcome)
         except Exception as e:
@@ -417,6 +428,8 @@ class AutoregressiveFallback:
             outcome = failure_code_name(e)
             yield Failure(*outcome)
         finally:
+            if pieces is not None:
+                await close_stream(pieces)  # an unfinished request is cancelled in the backend (frees its slot)
             self.stats.done()
             self._metrics.in_flight(self.stats.in_flight)
             telemetry.end_span(span, *outcome, rpc=False)

@@ -44,6 +44,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 from dgserve.v1 import dgserve_pb2
 
 from .config import AppConfig, LimitSettings, TLSSettings
+from .messages import TIMEOUT_METADATA
 from .security import (
     OPEN_METHODS,
     ClientLimiter,
@@ -57,7 +58,7 @@ log = logging.getLogger("dgserve.serving")
 
 UPSTREAM_MAX_RESPONSE_BYTES = 256 * 1024 * 1024
 DROPPED_METADATA = frozenset({"user-agent", "grpc-timeout", "grpc-accept-encoding", "grpc-encoding", "te",
-                              "content-type"})
+                              "content-type", TIMEOUT_METADATA})  # the front sets the last from the real deadline
 RETRY_AFTER_MS = "1000"
 
 
@@ -210,8 +211,12 @@ class Front(grpc.GenericRpcHandler):
                                f"(security.limits.max_concurrent_per_client {self.limiter.cap}); retry after "
                                f"{int(RETRY_AFTER_MS) / 1000:g}s",
                                (("retry-after-ms", RETRY_AFTER_MS), ("grpc-retry-pushback-ms", RETRY_AFTER_MS)))
+        forwarded = tuple((k, v) for k, v in metadata if k not in DROPPED_METADATA and not k.startswith(":"))
+        left = context.time_remaining()
+        if left is not None:  # the deadline travels on to the replicas, which stop the request there themselves
+            forwarded += ((TIMEOUT_METADATA, str(max(0, int(left * 1000)))),)
         try:
-            yield tuple((k, v) for k, v in metadata if k not in DROPPED_METADATA and not k.startswith(":"))
+            yield forwarded
         finally:
             if not open_method:
                 self.limiter.release(client)

@@ -8,8 +8,17 @@ survive pickling): they yield a :class:`Failure` carrying the gRPC status code n
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
+
+T = TypeVar("T")
+
+# gRPC metadata with the client's remaining deadline in whole milliseconds: the front sets it from the call's
+# deadline (Serve's gRPC proxy does not hand the deadline to the router), the router turns it into
+# ``BackendRequest.timeout_s``. A client that calls the proxy directly may set it itself.
+TIMEOUT_METADATA = "dgserve-timeout-ms"
 
 BackendKind = Literal["diffusion", "autoregressive"]
 
@@ -31,6 +40,10 @@ class BackendRequest:
     infill_suffix: str = ""
     stream_drafts: bool = False
     trace_context: tuple[tuple[str, str], ...] = ()  # W3C traceparent/tracestate of the router's span (if traced)
+    # Seconds left of the client's deadline when the router dispatched the request (None: no deadline). The
+    # backend ends the request itself when they run out, so a request whose caller died (a router crash: Ray
+    # does not cancel an actor's running call when its caller dies) does not hold a slot past its deadline.
+    timeout_s: float | None = None
 
     @property
     def needs_diffusion(self) -> bool:
@@ -96,3 +109,33 @@ class BackendInfo:
     max_batch: int
     canvas_length: int = 0
     tensor_parallel_size: int = 1
+
+
+class BackendDeadlineExceeded(TimeoutError):
+    """A backend ended a request at the deadline it carried (``BackendRequest.timeout_s``)."""
+
+
+async def within_deadline(stream: AsyncIterator[T], req: BackendRequest) -> AsyncIterator[T]:
+    """``stream``'s items until ``req.timeout_s`` (counted from this call) runs out, then
+    :class:`BackendDeadlineExceeded`. The pending read is cancelled at the deadline, which ends the
+    request in the engine (the backends' streams abort their request when cancelled or closed);
+    the caller still closes ``stream``."""
+    if req.timeout_s is None:
+        async for item in stream:
+            yield item
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + req.timeout_s
+    it = aiter(stream)
+    while True:
+        left = deadline - loop.time()
+        try:
+            if left <= 0:
+                raise TimeoutError
+            item = await asyncio.wait_for(anext(it), left)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise BackendDeadlineExceeded(f"request {req.request_id} reached its deadline ({req.timeout_s:.3f} s after "
+                                          "the backend got it) and was stopped there") from None
+        yield item

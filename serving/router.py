@@ -10,6 +10,9 @@ bounded queue) -> stream the backend's events -> build the response -> free the 
 * ``DIFFUSION_ONLY`` (and any request with pinned positions or infill): wait for a diffusion slot in
   the bounded FIFO queue until the client's deadline (the proxy cancels the call) or
   ``router.queue_timeout_s``; RESOURCE_EXHAUSTED with a retry hint when the queue is full.
+* Deadlines: the client's deadline arrives as ``dgserve-timeout-ms`` metadata (the front sets it; Serve's
+  proxy does not pass gRPC deadlines on) and goes to the backend as the seconds left at dispatch, which the
+  replica enforces itself, so a request outlives neither its client's deadline nor a crash of this router.
 * Start-up: each backend reports what it serves; the router refuses to start (the app never becomes
   healthy) if any serves less context than ``promised_context_length``.
 
@@ -39,7 +42,7 @@ from . import telemetry
 from .config import AppConfig, LimitSettings
 from .diffusion import check_served_context, replica_id
 from .errors import ServingError, status_for
-from .messages import BackendInfo, BackendRequest, Chunk, DraftProgress, Failure, Final
+from .messages import TIMEOUT_METADATA, BackendInfo, BackendRequest, Chunk, DraftProgress, Failure, Final
 from .security import TokenFile, check_request_limits, token_file
 from .slots import Admission, QueueFullError, QueueTimeoutError
 from .telemetry import NO_TRACING, RouterMetrics, Tracing
@@ -61,6 +64,34 @@ class Plan:
     request: BackendRequest
     backends: tuple[str, ...]  # preference order
     may_wait: bool = True
+    deadline: float | None = None  # time.monotonic() of the client's deadline, when the call has one
+
+    def dispatched(self) -> BackendRequest:
+        """The request as a backend gets it now: with the seconds left of the client's deadline, which the
+        backend enforces itself (it still ends the request if this router dies meanwhile)."""
+        if self.deadline is None:
+            return self.request
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                               f"request {self.request.request_id} reached its deadline before a backend took it")
+        return dataclasses.replace(self.request, timeout_s=left)
+
+
+def deadline_from_metadata(metadata: Any) -> float | None:
+    """The ``time.monotonic()`` deadline carried by ``dgserve-timeout-ms`` (set by the front), or None."""
+    for key, value in metadata or ():
+        if key != TIMEOUT_METADATA:
+            continue
+        try:
+            ms = int(value)
+        except (TypeError, ValueError):
+            ms = -1
+        if ms < 0:
+            raise ServingError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"metadata {TIMEOUT_METADATA}={value!r} must be a whole number of milliseconds >= 0")
+        return time.monotonic() + ms / 1000
+    return None
 
 
 def plan_request(msg: pb.GenerateRequest, *, fallback: bool, overflow: bool,
@@ -214,7 +245,7 @@ class Router:
         out = _Outcome()
         try:
             self._authorize(grpc_context)
-            plan = self._plan(request, span, stream=False)
+            plan = self._plan(request, span, grpc_context, stream=False)
             for attempt in range(1 + RETRIES_ON_DEAD_REPLICA):
                 backend = await self._acquire(plan, out, span, attempt)
                 try:
@@ -249,7 +280,7 @@ class Router:
             raise
 
     async def _call_unary(self, backend: str, plan: Plan) -> list[Any]:
-        call = self.handles[backend].generate_unary.remote(plan.request)
+        call = self.handles[backend].generate_unary.remote(plan.dispatched())
         try:
             return await call
         except asyncio.CancelledError:
@@ -263,7 +294,7 @@ class Router:
         answered = False
         try:
             self._authorize(grpc_context)
-            plan = self._plan(request, span, stream=True)
+            plan = self._plan(request, span, grpc_context, stream=True)
             rid = plan.request.request_id
             async with contextlib.aclosing(self._run(plan, out, span)) as events:
                 async for backend, ev in events:
@@ -338,10 +369,11 @@ class Router:
         if self._tokens is not None:
             self._tokens.check(grpc_context.invocation_metadata())
 
-    def _plan(self, request: pb.GenerateRequest, span: Span, *, stream: bool) -> Plan:
+    def _plan(self, request: pb.GenerateRequest, span: Span, grpc_context: Any, *, stream: bool) -> Plan:
         """Validate and plan; when traced, the request carries the router span's context to the backend."""
         plan = plan_request(request, fallback=FALLBACK in self.handles, overflow=self.cfg.router.overflow,
                             limits=self.cfg.security.limits)
+        plan.deadline = deadline_from_metadata(grpc_context.invocation_metadata())
         if span.is_recording():
             telemetry.set_request(span, plan.request, stream=stream)
             telemetry.set_attributes(span, {"dgserve.routing.mode": pb.GenerateRequest.Routing.Name(request.routing)})
@@ -413,7 +445,7 @@ class Router:
             finished = yielded = False
             retry = False
             try:
-                gen = self.handles[backend].options(stream=True).generate.remote(plan.request)
+                gen = self.handles[backend].options(stream=True).generate.remote(plan.dispatched())
                 async for ev in gen:
                     if isinstance(ev, Failure):
                         finished = True

@@ -280,9 +280,13 @@ def test_oversized_and_undecodable_requests(front, upstream):
 def test_deadline_status_and_trailers_cross_unchanged(front, upstream):
     _, port = front()
     ch, s, _ = stub(port)
-    s.Generate(pb.GenerateRequest(prompt="d"), timeout=7)
+    s.Generate(pb.GenerateRequest(prompt="d"), timeout=7, metadata=[("dgserve-timeout-ms", "999999")])
     remaining = upstream.seen[-1]["remaining"]
     assert remaining is not None and 5 < remaining <= 7
+    # the deadline also rides as metadata (Serve's proxy does not pass it on), set by the front, not the client
+    assert 5000 < int(upstream.seen[-1]["metadata"]["dgserve-timeout-ms"]) <= 7000
+    s.Generate(pb.GenerateRequest(prompt="d"), metadata=[("dgserve-timeout-ms", "1")])  # no deadline: none sent
+    assert "dgserve-timeout-ms" not in upstream.seen[-1]["metadata"]
     t0 = time.monotonic()
     _, err = call(s.Generate, pb.GenerateRequest(prompt="slow"), timeout=0.5)
     assert err is not None and err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - t0 < 3

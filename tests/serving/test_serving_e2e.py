@@ -219,6 +219,22 @@ def test_client_cancellation_frees_the_engine_slot(client):
     assert r.backend == DIFF and r.replica_in_flight == 1 and r.timings.queue_ms < 1000
 
 
+def test_the_replica_stops_a_request_at_the_deadline_it_carries(client):
+    """Calling Serve's proxy directly (no front), a caller may state its deadline in ``dgserve-timeout-ms``;
+    the replica itself ends the request there (what still stops it when the router that sent it died)."""
+    t0 = time.monotonic()
+    try:
+        client.generate(slow("bounded"), timeout=120, metadata=[("dgserve-timeout-ms", "1500")])
+        err = None
+    except grpc.RpcError as e:
+        err = e
+    took = time.monotonic() - t0
+    assert err is not None and err.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err
+    assert "reached its deadline" in err.details() and 1.4 < took < 15, (err.details(), took)
+    idle = _wait_idle(client)
+    assert all(r.in_flight == 0 and r.engine_in_flight == 0 for r in idle), idle
+
+
 def test_deadline_exceeded_frees_the_slot(client):
     _, err = _call(client, slow("slow"), timeout=1.0)
     assert err is not None and err.code() == grpc.StatusCode.DEADLINE_EXCEEDED

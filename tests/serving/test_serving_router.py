@@ -11,7 +11,7 @@ import pytest
 
 from dgserve.serving.client import make_request
 from dgserve.serving.config import AppConfig
-from dgserve.serving.messages import Chunk, Failure, Final
+from dgserve.serving.messages import TIMEOUT_METADATA, Chunk, Failure, Final
 from dgserve.serving.router import DIFFUSION, FALLBACK, Router
 from dgserve.serving.slots import Admission
 from dgserve.v1 import dgserve_pb2 as pb
@@ -54,7 +54,7 @@ class _Handle:
     """Answers each call with the next scripted reply."""
 
     def __init__(self, replies):
-        self.replies, self.calls = list(replies), 0
+        self.replies, self.calls, self.requests = list(replies), 0, []
         self.generate_unary = self
         self.generate = self
 
@@ -63,13 +63,17 @@ class _Handle:
 
     def remote(self, req):
         self.calls += 1
+        self.requests.append(req)
         reply = self.replies.pop(0)
         return _Stream(reply[1:]) if isinstance(reply, list) and reply and reply[0] == "stream" else _Call(reply)
 
 
 class _Ctx:
-    def __init__(self):
-        self.code, self.details, self.trailers = None, "", []
+    def __init__(self, metadata=()):
+        self.code, self.details, self.trailers, self.metadata = None, "", [], tuple(metadata)
+
+    def invocation_metadata(self):
+        return self.metadata
 
     def set_code(self, code):
         self.code = code
@@ -158,3 +162,35 @@ def test_stream_retries_only_before_anything_was_sent():
     with pytest.raises(Exception):
         asyncio.run(collect(make_request("x")))
     assert router.handles[DIFFUSION].calls == 1 and router.admission.in_use(DIFFUSION) == 0
+
+
+def test_the_client_deadline_travels_to_the_backend_as_seconds_left():
+    h = _Handle([[Chunk(0, "hi", (5,), 4), FINAL], ["stream", Chunk(0, "a", (1,)), FINAL], [FINAL]])
+    router = make_router(h)
+    asyncio.run(router.Generate(make_request("x"), _Ctx([(TIMEOUT_METADATA, "5000")])))
+
+    async def collect():
+        return [m async for m in router.GenerateStream(make_request("x"), _Ctx([(TIMEOUT_METADATA, "8000")]))]
+
+    assert asyncio.run(collect())[-1].finished
+    asyncio.run(router.Generate(make_request("x"), _Ctx()))  # no deadline: none is invented
+    unary, stream, none = (r.timeout_s for r in h.requests)
+    assert 4.0 < unary <= 5.0 and 7.0 < stream <= 8.0 and none is None
+
+
+@pytest.mark.parametrize("value", ["soon", "-5", "1.5"])
+def test_a_malformed_deadline_header_is_refused_by_name(value):
+    h = _Handle([[FINAL]])
+    router, ctx = make_router(h), _Ctx([(TIMEOUT_METADATA, value)])
+    asyncio.run(router.Generate(make_request("x"), ctx))
+    assert ctx.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert repr(value) in ctx.details and TIMEOUT_METADATA in ctx.details
+    assert h.calls == 0
+
+
+def test_a_deadline_that_passed_before_dispatch_is_deadline_exceeded_and_frees_the_slot():
+    h = _Handle([[FINAL]])
+    router, ctx = make_router(h), _Ctx([(TIMEOUT_METADATA, "0")])
+    asyncio.run(router.Generate(make_request("x"), ctx))
+    assert ctx.code == grpc.StatusCode.DEADLINE_EXCEEDED and "deadline" in ctx.details
+    assert h.calls == 0 and router.admission.in_use(DIFFUSION) == 0
