@@ -7,7 +7,9 @@ Runs a private local Ray Serve (like ``dgserve serve``) with the tiny diffusion 
 
 1. router latency: a tiny request (1 token, 1 denoising step) sent sequentially, alternately through
    the full gRPC path (client -> Serve gRPC proxy -> Router -> DiffusionReplica) and through a direct
-   Serve handle call (``generate_unary``) to DiffusionReplica from the driver; p50/p99 of both and their difference;
+   Serve handle call (``generate_unary``) to DiffusionReplica from the driver; p50/p99 of both and their
+   difference; and a ``grpc.health.v1`` Check through the proxy to the router (the floor any gRPC call
+   through Serve's proxy pays), so the router's own share of the difference can be read off;
 2. sweep: closed-loop clients at concurrency 1..64 (ANY routing), once with overflow on and once off:
    throughput, p50/p99 latency, share served by the fallback, most requests any diffusion replica
    ran at once (measured inside the replica at each admission). The load comes from the load
@@ -67,17 +69,27 @@ def router_latency(client: Client, app: str, n: int) -> dict[str, Any]:
         assert r.backend == pb.BACKEND_DIFFUSION
         return time.perf_counter() - t0
 
-    for _ in range(20):  # warm up both paths
+    def floor() -> float:  # client -> proxy -> Router.Check and back: no backend call, no routing
+        t0 = time.perf_counter()
+        assert client.health(timeout=30) == "SERVING"
+        return time.perf_counter() - t0
+
+    for _ in range(20):  # warm up every path
         direct()
         routed()
-    d, r = [], []
+        floor()
+    d, r, f = [], [], []
     for _ in range(n):
         d.append(direct())
         r.append(routed())
+        f.append(floor())
     ms = lambda xs, q: round(pct(xs, q) * 1e3, 2)  # noqa: E731
     return {"n": n, "direct_p50_ms": ms(d, 50), "direct_p99_ms": ms(d, 99), "router_p50_ms": ms(r, 50),
             "router_p99_ms": ms(r, 99), "added_p50_ms": round(ms(r, 50) - ms(d, 50), 2),
-            "added_p99_ms": round(ms(r, 99) - ms(d, 99), 2)}
+            "added_p99_ms": round(ms(r, 99) - ms(d, 99), 2),
+            "proxy_floor_p50_ms": ms(f, 50), "proxy_floor_p99_ms": ms(f, 99),
+            # what is left of the added p50 once the gRPC proxy and its hop to the router are taken out
+            "router_work_p50_ms": round(ms(r, 50) - ms(d, 50) - ms(f, 50), 2)}
 
 
 def sweep_level(target: str, concurrency: int, total: int, max_new_tokens: int) -> dict[str, Any]:
@@ -98,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer requests (smoke run)")
     ap.add_argument("--latency-n", type=int, default=200)
     ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--latency-only", action="store_true", help="only the router latency, no sweep")
     args = ap.parse_args(argv)
     port = local.free_port()
     out: dict[str, Any] = {"machine": f"{platform.node()} {platform.machine()}, {_cpus()} CPUs, no GPU",
@@ -114,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                 if overflow:
                     out["latency"] = router_latency(client, cfg.name, 30 if args.quick else args.latency_n)
                     print("latency", out["latency"], flush=True)
+                if args.latency_only:
+                    break
                 rows = []
                 for c in LEVELS:
                     total = max(c, 4) if args.quick else max(2 * c, 8)
