@@ -42,7 +42,7 @@ from opentelemetry.trace import INVALID_SPAN
 
 from . import telemetry
 from .config import AppConfig, FallbackConfig
-from .diffusion import ReplicaStats, close_stream, check_served_context, replica_id
+from .diffusion import ReplicaStats, check_served_context, close_stream, replica_id
 from .errors import failure_code_name
 from .messages import (
     BackendDeadlineExceeded,

@@ -128,11 +128,8 @@ async def within_deadline(stream: AsyncIterator[T], req: BackendRequest) -> Asyn
     deadline = loop.time() + req.timeout_s
     it = aiter(stream)
     while True:
-        left = deadline - loop.time()
         try:
-            if left <= 0:
-                raise TimeoutError
-            item = await asyncio.wait_for(anext(it), left)
+            item = await asyncio.wait_for(anext(it), max(deadline - loop.time(), 0.0))
         except StopAsyncIteration:
             return
         except TimeoutError:
